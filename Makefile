@@ -1,0 +1,27 @@
+# Two front-door commands: `make demo` and `make test`. Both build a local .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+# torch is pinned and installed first: the CPU wheel for 2.13.0 is on local disk, any other
+# spec would pull a multi-GB CUDA build. The stamp makes a second run instant.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[train,hf,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/moe-balance demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""moe_balance: Mixture-of-Experts load balancing for PyTorch."""

@@ -1,0 +1,265 @@
+"""Load-balancing strategies: the Loss-Free bias and the auxiliary-loss family.
+
+Shape legend: T tokens, E experts, K top_k, B sequences, S sequence length.
+
+Each balancer is a small ``nn.Module`` with four hooks that the MoE layer calls:
+    selection_bias() -> (E,) float32 or None   added to the scores for top-K selection only
+    loss(decision, batch_shape) -> 0-dim or None   added to the layer's ``aux_loss``
+    observe(counts_E)   routed tokens per expert of one real training forward (called from
+                        the backward pass, so checkpoint recomputation never counts twice)
+    update()            once per optimizer step (``update_balancers``)
+
+The loss formulas are pure functions with their paper's equation in the docstring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import AuxLoss, BalancerSpec, LossFree, ZLoss
+from .routing import RoutingDecision
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the data-parallel ranks when torch.distributed is initialised (in place)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# Loss formulas (coefficient not included)
+# --------------------------------------------------------------------------------------------
+
+def normalized_probs(scores_TE: torch.Tensor) -> torch.Tensor:
+    """Scores renormalised over all experts (DeepSeek-V3 eq. 19; a no-op for softmax)."""
+    return scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+
+def _valid(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.ones(like.shape[:-1], dtype=like.dtype, device=like.device) if mask is None \
+        else mask.to(like.dtype)
+
+
+def switch_loss_from_counts(probs_TE: torch.Tensor, counts_E: torch.Tensor,
+                            token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """N * sum_i f_i P_i with f_i = counts_i / sum(counts) and P_i = mean_t probs_{t,i}.
+
+    Switch Transformer eq. 4 / GShard; sum(counts) = K * T for dropless top-K routing, so f is
+    the fraction of the K*T assignments. Equals 1 at perfect balance. Padding tokens (mask
+    False) are left out of P; leave them out of ``counts`` too.
+    """
+    valid_T = _valid(token_mask_T, probs_TE)
+    p_E = (probs_TE * valid_T.unsqueeze(-1)).sum(0) / valid_T.sum().clamp_min(1)
+    f_E = counts_E.float() / counts_E.sum().clamp_min(1).float()
+    return probs_TE.shape[-1] * (f_E * p_E).sum()
+
+
+def switch_aux_loss(scores_TE: torch.Tensor, selected_TK: torch.Tensor,
+                    token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Micro-batch Switch/GShard loss from the router's scores and top-K choices."""
+    return switch_loss_from_counts(normalized_probs(scores_TE),
+                                   expert_counts(selected_TK, scores_TE.shape[-1], token_mask_T),
+                                   token_mask_T)
+
+
+def sequence_aux_loss(scores_BSE: torch.Tensor, selected_BSK: torch.Tensor,
+                      token_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+    """DeepSeek-V3 sequence-wise balance loss (eqs. 17-20), averaged over the B sequences.
+
+    Per sequence: N/(K*S) * sum_i count_i * P_i with P over that sequence's tokens, i.e. the
+    Switch loss computed on each sequence alone. Sequences that are all padding are skipped.
+    """
+    B, S, E = scores_BSE.shape
+    K = selected_BSK.shape[-1]
+    probs_BSE = normalized_probs(scores_BSE)
+    valid_BS = _valid(token_mask_BS, probs_BSE)
+    n_valid_B = valid_BS.sum(1)
+    p_BE = (probs_BSE * valid_BS.unsqueeze(-1)).sum(1) / n_valid_B.clamp_min(1).unsqueeze(-1)
+    counts_BE = torch.zeros(B, E, dtype=probs_BSE.dtype, device=probs_BSE.device)
+    counts_BE.scatter_add_(1, selected_BSK.clamp_min(0).reshape(B, S * K),
+                           valid_BS.repeat_interleave(K, dim=1))
+    f_BE = counts_BE / (K * n_valid_B).clamp_min(1).unsqueeze(-1)
+    per_seq_B = E * (f_BE * p_BE).sum(-1)
+    has_tokens_B = n_valid_B > 0
+    return per_seq_B[has_tokens_B].mean() if has_tokens_B.any() else per_seq_B.sum() * 0
+
+
+def z_loss(logits_TE: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean_t logsumexp(z_t)^2."""
+    valid_T = _valid(token_mask_T, logits_TE)
+    lse2_T = torch.logsumexp(logits_TE, dim=-1).square()
+    return (lse2_T * valid_T).sum() / valid_T.sum().clamp_min(1)
+
+
+def expert_counts(selected_TK: torch.Tensor, num_experts: int,
+                  token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """(E,) int64 number of tokens that chose each expert (padding rows left out)."""
+    if token_mask_T is not None:
+        selected_TK = selected_TK[token_mask_T]
+    return torch.bincount(selected_TK.reshape(-1), minlength=num_experts)
+
+
+# --------------------------------------------------------------------------------------------
+# Strategies
+# --------------------------------------------------------------------------------------------
+
+class Balancer(nn.Module):
+    """Base class: every hook is a no-op; strategies override the ones they use."""
+
+    observes_counts = False
+
+    def selection_bias(self) -> torch.Tensor | None:
+        return None
+
+    def loss(self, decision: RoutingDecision, batch_shape: torch.Size) -> torch.Tensor | None:
+        return None
+
+    def observe(self, counts_E: torch.Tensor) -> None:
+        pass
+
+    def update(self) -> None:
+        pass
+
+
+class LossFreeBalancer(Balancer):
+    """Auxiliary-Loss-Free Balancing (Wang et al. 2024, arXiv 2408.15664, Algorithm 1).
+
+    Buffers (all in the state dict): ``expert_bias`` (E,) float32, kept float32 through
+    ``module.to(dtype)``; ``pending_counts`` (E,) int64, tokens routed to each expert by the
+    real training forwards since the last update; ``num_updates`` () int64.
+    """
+
+    observes_counts = True
+
+    def __init__(self, spec: LossFree, num_experts: int):
+        super().__init__()
+        self.spec = spec
+        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        self.register_buffer("pending_counts", torch.zeros(num_experts, dtype=torch.int64))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
+
+    def _apply(self, fn, recurse=True):
+        # NOTE: model.to(torch.bfloat16) would cast the bias: a bf16 bias cannot represent
+        # 1e-3 steps around values near 1 (a bug users report in other frameworks). Keep the
+        # float32 values, following the device change only.
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        if self.expert_bias.dtype != torch.float32:
+            self.expert_bias = bias.to(device=self.expert_bias.device)
+        return self
+
+    def selection_bias(self) -> torch.Tensor:
+        return self.expert_bias
+
+    def observe(self, counts_E: torch.Tensor) -> None:
+        self.pending_counts += counts_E.to(self.pending_counts.device)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """b_i += u * sign(mean(c) - c_i) over the whole step's counts, then reset the counts.
+
+        Counts are summed over data-parallel ranks first, so every rank applies the same
+        update. No counts (e.g. a step without a training forward) means no update.
+        """
+        counts_E = _all_reduce_sum(self.pending_counts.clone())
+        self.pending_counts.zero_()
+        if int(counts_E.sum()) == 0:
+            return
+        spec = self.spec
+        frozen = spec.freeze_after_steps is not None and int(self.num_updates) >= spec.freeze_after_steps
+        if not frozen:
+            load_E = counts_E.double()
+            error_E = load_E.mean() - load_E
+            delta_E = error_E.sign() if spec.rule == "sign" else error_E / load_E.mean()
+            self.expert_bias += (spec.update_rate * delta_E).float()
+            if spec.center:
+                self.expert_bias -= self.expert_bias.mean()
+        self.num_updates += 1
+
+
+class AuxLossBalancer(Balancer):
+    """Switch/GShard auxiliary loss, coeff * N * sum_i f_i P_i, in one of three scopes.
+
+    "global_batch" keeps ``accumulated_counts`` (E,) int64: the routed counts of this step's
+    earlier micro-batches on this rank; each forward all-reduces (accumulated + current) so f
+    covers the global batch seen so far (Qiu et al. 2025, arXiv 2501.11873).
+    """
+
+    def __init__(self, spec: AuxLoss, num_experts: int):
+        super().__init__()
+        self.spec = spec
+        self.observes_counts = spec.scope == "global_batch"
+        if self.observes_counts:
+            self.register_buffer("accumulated_counts", torch.zeros(num_experts, dtype=torch.int64))
+
+    def loss(self, decision: RoutingDecision, batch_shape: torch.Size) -> torch.Tensor:
+        scope, mask_T = self.spec.scope, decision.token_mask
+        if scope == "micro_batch":
+            value = switch_loss_from_counts(
+                normalized_probs(decision.scores), decision.routed_tokens_per_expert, mask_T)
+        elif scope == "sequence":
+            S = batch_shape[-1] if len(batch_shape) > 1 else batch_shape[0]
+            E, K = decision.num_experts, decision.selected.shape[-1]
+            value = sequence_aux_loss(
+                decision.scores.view(-1, S, E), decision.selected.view(-1, S, K),
+                None if mask_T is None else mask_T.view(-1, S))
+        else:
+            counts_E = decision.routed_tokens_per_expert.to(self.accumulated_counts.device)
+            global_E = _all_reduce_sum(self.accumulated_counts + counts_E)
+            value = switch_loss_from_counts(normalized_probs(decision.scores), global_E, mask_T)
+        return self.spec.coeff * value
+
+    def observe(self, counts_E: torch.Tensor) -> None:
+        self.accumulated_counts += counts_E.to(self.accumulated_counts.device)
+
+    def update(self) -> None:
+        if self.observes_counts:
+            self.accumulated_counts.zero_()
+
+
+class ZLossBalancer(Balancer):
+    """Router z-loss: coeff * mean_t logsumexp(z_t)^2 (ST-MoE, eq. 5)."""
+
+    def __init__(self, spec: ZLoss, num_experts: int):
+        super().__init__()
+        self.spec = spec
+
+    def loss(self, decision: RoutingDecision, batch_shape: torch.Size) -> torch.Tensor:
+        return self.spec.coeff * z_loss(decision.logits, decision.token_mask)
+
+
+_BUILDERS = {LossFree: LossFreeBalancer, AuxLoss: AuxLossBalancer, ZLoss: ZLossBalancer}
+
+
+def build_balancer(spec: BalancerSpec, num_experts: int) -> Balancer:
+    """The stateful module implementing a balancer spec."""
+    return _BUILDERS[type(spec)](spec, num_experts)
+
+
+def loss_name(spec: BalancerSpec) -> str:
+    """Key of a balancer's loss in ``MoEOutput.losses``."""
+    return f"aux_loss/{spec.scope}" if isinstance(spec, AuxLoss) else "z_loss"
+
+
+@torch.no_grad()
+def update_balancers(model: nn.Module) -> None:
+    """Apply every balancer's per-step update; call once after each ``optimizer.step()``."""
+    for module in model.modules():
+        if isinstance(module, Balancer):
+            module.update()
+
+
+def register_balancer_update(optimizer: torch.optim.Optimizer, models: nn.Module | Iterable[nn.Module]):
+    """Run ``update_balancers`` after every ``optimizer.step()``; returns the hook handle."""
+    models = [models] if isinstance(models, nn.Module) else list(models)
+
+    def hook(opt, args, kwargs):
+        for m in models:
+            update_balancers(m)
+
+    return optimizer.register_step_post_hook(hook)

@@ -1,0 +1,197 @@
+"""Configuration: frozen, keyword-only dataclasses validated on construction.
+
+Every invalid value raises ``ValueError`` naming the field, the value and what is allowed,
+so a typo in an experiment fails at the line that made it, not deep inside a forward pass.
+
+Balancer specs (``LossFree``, ``AuxLoss``, ``ZLoss``) live here as plain data; the stateful
+modules that implement them are built from these specs by ``moe_balance.balancing``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Union
+
+SCORE_FNS = ("sigmoid", "softmax")
+DROP_POLICIES = ("probs", "position")
+LOSS_FREE_RULES = ("sign", "error")
+AUX_SCOPES = ("micro_batch", "sequence", "global_batch")
+EXPERT_IMPLS = ("auto", "loop", "bmm", "grouped_mm")
+
+
+def _choice(owner: str, name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{owner}.{name}={value!r} is not allowed; choose one of {allowed}")
+
+
+def _non_negative(owner: str, name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{owner}.{name}={value!r} must be a finite number >= 0")
+
+
+def _positive_int(owner: str, name: str, value: int, minimum: int = 1) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        raise ValueError(f"{owner}.{name}={value!r} must be an integer >= {minimum}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterConfig:
+    """How tokens choose experts.
+
+    score_fn: "sigmoid" (Loss-Free paper and DeepSeek-V3) or "softmax" over all experts.
+    normalize_weights: divide the selected gates by their sum (DeepSeek-V3 does, for sigmoid).
+    scaling_factor: multiply the gates after normalisation (DeepSeek-V3: 2.5).
+    num_groups / topk_groups: group-limited routing (DeepSeek-V3 node-limited routing): experts
+        are split into ``num_groups`` equal groups, a group's score is the sum of its top-2 biased
+        scores, only the best ``topk_groups`` groups stay eligible for the top-K.
+    capacity_factor: None = dropless; otherwise each expert keeps at most
+        ceil(capacity_factor * tokens * top_k / num_experts) assignments (``inf`` keeps all).
+    drop_policy: which assignments an over-capacity expert keeps: "probs" (highest gate
+        scores) or "position" (earliest tokens, as in Switch/GShard).
+    check_finite: raise on NaN/inf router logits (costs one device sync per forward).
+    """
+
+    score_fn: str = "sigmoid"
+    normalize_weights: bool = False
+    scaling_factor: float = 1.0
+    num_groups: int | None = None
+    topk_groups: int | None = None
+    capacity_factor: float | None = None
+    drop_policy: str = "probs"
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("RouterConfig", "score_fn", self.score_fn, SCORE_FNS)
+        _choice("RouterConfig", "drop_policy", self.drop_policy, DROP_POLICIES)
+        if not (isinstance(self.scaling_factor, (int, float)) and math.isfinite(self.scaling_factor)
+                and self.scaling_factor > 0):
+            raise ValueError(
+                f"RouterConfig.scaling_factor={self.scaling_factor!r} must be a finite number > 0")
+        if (self.num_groups is None) != (self.topk_groups is None):
+            raise ValueError(
+                "RouterConfig.num_groups and RouterConfig.topk_groups go together: set both "
+                f"or neither (got num_groups={self.num_groups!r}, topk_groups={self.topk_groups!r})")
+        if self.num_groups is not None:
+            _positive_int("RouterConfig", "num_groups", self.num_groups)
+            _positive_int("RouterConfig", "topk_groups", self.topk_groups)
+            if self.topk_groups > self.num_groups:
+                raise ValueError(
+                    f"RouterConfig.topk_groups={self.topk_groups} must be <= "
+                    f"num_groups={self.num_groups}")
+        if self.capacity_factor is not None and not (
+                isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0):
+            raise ValueError(
+                f"RouterConfig.capacity_factor={self.capacity_factor!r} must be > 0 "
+                "(float('inf') keeps every assignment), or None for dropless routing")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossFree:
+    """Auxiliary-Loss-Free Balancing (Wang et al. 2024, arXiv 2408.15664, Algorithm 1).
+
+    After every optimizer step: b_i += u * sign(mean(c) - c_i) ("sign", the paper's rule) or
+    b_i += u * (mean(c) - c_i) / mean(c) ("error", the paper's raw-error ablation normalised
+    by the mean load). ``center`` subtracts the bias mean after each update (only relative
+    biases matter for top-K). ``freeze_after_steps`` stops updating after that many updates
+    (DeepSeek-V3 sets u = 0 for the end of training).
+    """
+
+    update_rate: float = 1e-3
+    rule: str = "sign"
+    center: bool = False
+    freeze_after_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        _non_negative("LossFree", "update_rate", self.update_rate)
+        _choice("LossFree", "rule", self.rule, LOSS_FREE_RULES)
+        if self.freeze_after_steps is not None:
+            _positive_int("LossFree", "freeze_after_steps", self.freeze_after_steps, minimum=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuxLoss:
+    """Switch/GShard load-balancing loss alpha * N * sum_i f_i P_i (equals alpha when balanced).
+
+    scope "micro_batch": f and P over the tokens of this forward; "sequence": DeepSeek-V3's
+    sequence-wise loss, averaged over sequences; "global_batch": f over every micro-batch of
+    the step so far and every data-parallel rank ("Demons in the Detail", arXiv 2501.11873).
+    """
+
+    coeff: float
+    scope: str = "micro_batch"
+
+    def __post_init__(self) -> None:
+        _non_negative("AuxLoss", "coeff", self.coeff)
+        _choice("AuxLoss", "scope", self.scope, AUX_SCOPES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZLoss:
+    """Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): coeff * mean_t logsumexp(z_t)^2."""
+
+    coeff: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _non_negative("ZLoss", "coeff", self.coeff)
+
+
+BalancerSpec = Union[LossFree, AuxLoss, ZLoss]
+BALANCER_SPECS = (LossFree, AuxLoss, ZLoss)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """One MoE layer: N routed SwiGLU experts (top-K of them per token) plus shared experts.
+
+    expert_hidden_size: hidden width of each routed expert (fine-grained experts are narrow).
+    shared_expert_hidden_size: width of each shared expert (default: expert_hidden_size).
+    expert_impl: "loop" (reference), "bmm" (padded batched matmul), "grouped_mm"
+        (``torch._grouped_mm``, where the device supports it) or "auto" (fastest available).
+    """
+
+    d_model: int
+    num_experts: int
+    top_k: int
+    expert_hidden_size: int
+    num_shared_experts: int = 0
+    shared_expert_hidden_size: int | None = None
+    router: RouterConfig = field(default_factory=RouterConfig)
+    balancers: tuple[BalancerSpec, ...] = ()
+    expert_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        _positive_int("MoEConfig", "d_model", self.d_model)
+        _positive_int("MoEConfig", "num_experts", self.num_experts)
+        _positive_int("MoEConfig", "top_k", self.top_k)
+        _positive_int("MoEConfig", "expert_hidden_size", self.expert_hidden_size)
+        _positive_int("MoEConfig", "num_shared_experts", self.num_shared_experts, minimum=0)
+        if self.shared_expert_hidden_size is not None:
+            _positive_int("MoEConfig", "shared_expert_hidden_size", self.shared_expert_hidden_size)
+        _choice("MoEConfig", "expert_impl", self.expert_impl, EXPERT_IMPLS)
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"MoEConfig.top_k={self.top_k} must be <= num_experts={self.num_experts}")
+        if not isinstance(self.router, RouterConfig):
+            raise ValueError(f"MoEConfig.router must be a RouterConfig, got {type(self.router).__name__}")
+        if not isinstance(self.balancers, tuple):
+            raise ValueError(
+                f"MoEConfig.balancers must be a tuple of balancer specs, got {type(self.balancers).__name__}")
+        for spec in self.balancers:
+            if not isinstance(spec, BALANCER_SPECS):
+                raise ValueError(
+                    f"MoEConfig.balancers contains {spec!r}; allowed: LossFree, AuxLoss, ZLoss")
+        if sum(isinstance(s, LossFree) for s in self.balancers) > 1:
+            raise ValueError("MoEConfig.balancers may contain at most one LossFree balancer")
+        groups, topk_groups = self.router.num_groups, self.router.topk_groups
+        if groups is not None:
+            if self.num_experts % groups:
+                raise ValueError(
+                    f"RouterConfig.num_groups={groups} must divide "
+                    f"MoEConfig.num_experts={self.num_experts}")
+            reachable = topk_groups * (self.num_experts // groups)
+            if self.top_k > reachable:
+                raise ValueError(
+                    f"MoEConfig.top_k={self.top_k} is not reachable with topk_groups={topk_groups} "
+                    f"groups of {self.num_experts // groups} experts ({reachable} eligible); "
+                    "raise topk_groups or lower top_k")

@@ -1,0 +1,454 @@
+"""Summaries, tables, plots and the Markdown report for `moe-balance compare`.
+
+Leaf module: it reads run directories (metrics.jsonl, eval.json) and plain dicts
+only, and imports nothing from moe_balance. matplotlib is imported lazily inside
+the plotting helpers so summaries and tables work without the `train` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+# The paper's Table 1 (Wang et al., 2024, arXiv 2408.15664), for reference only.
+PAPER_RESULTS: list[dict] = [
+    {"model": "1B, 100B tokens", "method": "aux_loss (alpha=1e-3)", "val_ppl": 9.56, "maxvio_global": 0.72},
+    {"model": "1B, 100B tokens", "method": "loss_free (u=1e-3)", "val_ppl": 9.50, "maxvio_global": 0.04},
+    {"model": "3B, 200B tokens", "method": "aux_loss (alpha=1e-3)", "val_ppl": 7.97, "maxvio_global": 0.52},
+    {"model": "3B, 200B tokens", "method": "loss_free (u=1e-3)", "val_ppl": 7.92, "maxvio_global": 0.04},
+]
+
+_AGG_KEYS = ("val_ppl", "maxvio_global", "maxvio_batch", "val_loss")
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """Parse RUN/metrics.jsonl into a list of dicts, skipping a truncated last line."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in run directory {Path(run_dir)}")
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:  # the trainer was killed mid-write: drop that line only
+                break
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON: {err}") from err
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _read_eval(run_dir) -> dict:
+    """Load RUN/eval.json, or {} when the run has no final evaluation."""
+    path = Path(run_dir) / "eval.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of the records that have `key`, sorted by step."""
+    pairs = sorted((r["step"], r[key]) for r in records if r.get(key) is not None and "step" in r)
+    steps = np.array([p[0] for p in pairs], dtype=float)
+    return steps, np.array([p[1] for p in pairs], dtype=float)
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def summarize_run(run_dir, *, method: str, seed: int, wall_seconds: float, train_tokens: int) -> dict:
+    """One results.json row for a finished run."""
+    if wall_seconds <= 0:
+        raise ValueError(f"wall_seconds must be positive, got {wall_seconds}")
+    records = read_metrics(run_dir)
+    ev = _read_eval(run_dir)
+    _, maxvio = _series(records, "maxvio_batch")
+    # The second half skips the early transient, where every method is unbalanced.
+    second_half = maxvio[len(maxvio) // 2:]
+    losses = [r["loss"] for r in records if r.get("loss") is not None]
+    val_ppl = ev.get("val_ppl")
+    if val_ppl is None and ev.get("val_loss") is not None:
+        val_ppl = math.exp(ev["val_loss"])
+    return {
+        "method": method,
+        "seed": seed,
+        "val_loss": ev.get("val_loss"),
+        "val_ppl": val_ppl,
+        "maxvio_global": ev.get("maxvio_global"),
+        "maxvio_batch": float(second_half.mean()) if len(second_half) else None,
+        "train_tokens": train_tokens,
+        "wall_seconds": wall_seconds,
+        "tokens_per_second": train_tokens / wall_seconds,
+        "final_loss": losses[-1] if losses else None,
+        "run_dir": Path(run_dir).name,
+    }
+
+
+def _require_results(results: list[dict]) -> None:
+    """Refuse an empty results list with a clear message."""
+    if not results:
+        raise ValueError("results is empty: no finished runs to report on")
+
+
+def aggregate(results: list[dict]) -> list[dict]:
+    """One row per method (first-appearance order): n_seeds and mean/std of the key metrics."""
+    _require_results(results)
+    by_method: dict[str, list[dict]] = {}
+    for row in results:
+        by_method.setdefault(row["method"], []).append(row)
+    out = []
+    for method, rows in by_method.items():
+        agg = {"method": method, "n_seeds": len(rows)}
+        for key in _AGG_KEYS:
+            vals = np.array([r[key] for r in rows if r.get(key) is not None], dtype=float)
+            agg[f"{key}_mean"] = float(vals.mean()) if len(vals) else None
+            # Sample std (ddof=1): the seeds are a sample of possible runs.
+            agg[f"{key}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else (0.0 if len(vals) else None)
+        out.append(agg)
+    return out
+
+
+def _fmt(value, digits: int) -> str:
+    """A number with fixed decimals, or an em dash when missing."""
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _fmt_stat(row: dict, key: str, digits: int) -> str:
+    """'mean ± std' for several seeds, 'mean' for one."""
+    mean = _fmt(row[f"{key}_mean"], digits)
+    return f"{mean} ± {_fmt(row[f'{key}_std'], digits)}" if row["n_seeds"] > 1 and mean != "—" else mean
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """Render a Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def format_table(results: list[dict]) -> str:
+    """Markdown table of aggregate(results), one row per method."""
+    rows = [
+        [a["method"], _fmt_stat(a, "val_ppl", 2), _fmt_stat(a, "maxvio_global", 3),
+         _fmt_stat(a, "maxvio_batch", 3), str(a["n_seeds"])]
+        for a in aggregate(results)
+    ]
+    return _markdown_table(["method", "val PPL", "MaxVio_global", "MaxVio_batch", "seeds"], rows)
+
+
+def _per_run_table(results: list[dict]) -> str:
+    """Markdown table with one row per run (seed)."""
+    rows = [
+        [str(r["method"]), str(r["seed"]), _fmt(r.get("val_ppl"), 2), _fmt(r.get("maxvio_global"), 3),
+         _fmt(r.get("maxvio_batch"), 3), _fmt(r.get("tokens_per_second"), 0), _fmt(r.get("wall_seconds"), 0)]
+        for r in results
+    ]
+    return _markdown_table(["method", "seed", "val PPL", "MaxVio_global", "MaxVio_batch", "tokens/s", "wall s"], rows)
+
+
+def _paper_table() -> str:
+    """The paper's Table 1 as Markdown."""
+    rows = [[p["model"], p["method"], f"{p['val_ppl']:.2f}", f"{p['maxvio_global']:.2f}"] for p in PAPER_RESULTS]
+    return _markdown_table(["model", "method", "val PPL", "MaxVio_global"], rows)
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def _atomic_write(path: Path, write) -> Path:
+    """Call write(tmp_path) on a temp file beside `path`, then os.replace it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_text(path: Path, text: str) -> Path:
+    """Atomically write a UTF-8 text file."""
+    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+# ----------------------------------------------------------------------------- plotting helpers
+
+
+def _figure(nrows: int, ncols: int, panel: tuple[float, float]):
+    """A pyplot-free Agg figure with a squeezed-off grid of axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(panel[0] * ncols, panel[1] * nrows), layout="constrained")
+    FigureCanvasAgg(fig)  # explicit Agg: no display, no global pyplot state
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def _save(fig, path) -> Path:
+    """Atomically save a figure as PNG."""
+    return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def _grouped_axes(group_sizes: list[int], panel: tuple[float, float], max_cols: int = 4):
+    """A figure where each group of panels starts on a new row, wrapping at max_cols."""
+    ncols = min(max_cols, max(group_sizes))
+    group_rows = [math.ceil(n / ncols) for n in group_sizes]
+    fig, axes = _figure(sum(group_rows), ncols, panel)
+    groups, row = [], 0
+    for n, nrows in zip(group_sizes, group_rows):
+        cells = [axes[row + i // ncols][i % ncols] for i in range(nrows * ncols)]
+        for ax in cells[n:]:
+            ax.set_visible(False)
+        groups.append(cells[:n])
+        row += nrows
+    return fig, groups
+
+
+def _colors(methods) -> dict[str, str]:
+    """A stable colour per method, in order of appearance."""
+    palette = [f"C{i}" for i in range(10)]
+    return {m: palette[i % len(palette)] for i, m in enumerate(dict.fromkeys(methods))}
+
+
+def _first_runs(runs: dict) -> dict[str, Path]:
+    """The first seed's run directory for each method that has one."""
+    return {m: Path(dirs[0]) for m, dirs in runs.items() if dirs}
+
+
+def _smooth(y: np.ndarray) -> np.ndarray:
+    """Centred moving average over ~2% of the points, renormalised at the edges."""
+    w = max(1, len(y) // 50)
+    kernel = np.ones(w)
+    return np.convolve(y, kernel, mode="same") / np.convolve(np.ones_like(y), kernel, mode="same")
+
+
+def _use_log(values: np.ndarray) -> bool:
+    """Log scale only when values are positive and span more than a decade."""
+    values = values[np.isfinite(values)]
+    return len(values) > 0 and values.min() > 0 and values.max() / values.min() > 10
+
+
+def _mean_over_seeds(run_dirs) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, mean MaxVio_batch over seeds), on the union of logged steps."""
+    per_seed = [dict(zip(*_series(read_metrics(d), "maxvio_batch"))) for d in run_dirs]
+    steps = np.array(sorted(set().union(*per_seed)))
+    table = np.array([[s.get(x, np.nan) for x in steps] for s in per_seed])
+    return steps, np.nanmean(table, axis=0) if len(steps) else np.array([])
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_maxvio_batch(runs: dict[str, list[Path]], path) -> Path | None:
+    """Paper Fig. 3: MaxVio_batch vs training step, one line per method (mean over seeds)."""
+    curves = {m: _mean_over_seeds(dirs) for m, dirs in runs.items() if dirs}
+    curves = {m: c for m, c in curves.items() if len(c[0])}
+    if not curves:
+        return None
+    colors = _colors(curves)
+    fig, axes = _figure(1, 1, (8, 4.5))
+    ax = axes[0][0]
+    for method, (steps, y) in curves.items():
+        ax.plot(steps, y, color=colors[method], alpha=0.2, lw=0.8)
+        ax.plot(steps, _smooth(y), color=colors[method], lw=1.8, label=method)
+    if _use_log(np.concatenate([y for _, y in curves.values()])):
+        ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("MaxVio_batch (mean over layers)")
+    ax.set_title("Per-batch load violation during training (lower is better)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    return _save(fig, path)
+
+
+def plot_ppl_vs_maxvio(results: list[dict], path) -> Path | None:
+    """Paper Figs 1-2: validation PPL vs MaxVio_global, one marker per run."""
+    rows = [r for r in results if r.get("val_ppl") is not None and r.get("maxvio_global") is not None]
+    if not rows:
+        return None
+    colors = _colors(r["method"] for r in rows)
+    fig, axes = _figure(1, 1, (7, 5))
+    ax = axes[0][0]
+    for method, color in colors.items():
+        mine = [r for r in rows if r["method"] == method]
+        ax.scatter([r["maxvio_global"] for r in mine], [r["val_ppl"] for r in mine],
+                   color=color, s=60, edgecolor="black", lw=0.5, label=method, zorder=3)
+    if _use_log(np.array([r["maxvio_global"] for r in rows], dtype=float)):
+        ax.set_xscale("log")
+    ax.set_xlabel("MaxVio_global on validation set (← more balanced)")
+    ax.set_ylabel("validation perplexity (← better)")
+    ax.set_title("Perplexity vs load balance (lower-left is better)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    return _save(fig, path)
+
+
+def _normalised_load(load) -> np.ndarray:
+    """[layer x expert] load divided by each layer's mean load (1.0 = balanced)."""
+    load = np.asarray(load, dtype=float)
+    mean = load.mean(axis=1, keepdims=True)
+    return np.divide(load, mean, out=np.zeros_like(load), where=mean > 0)
+
+
+def plot_load_heatmaps(runs: dict[str, list[Path]], path) -> Path | None:
+    """Validation expert load per method (first seed) as [layer x expert] heatmaps."""
+    evals = {m: _read_eval(d) for m, d in _first_runs(runs).items()}
+    loads = {m: _normalised_load(ev["expert_load"]) for m, ev in evals.items() if ev.get("expert_load")}
+    if not loads:
+        return None
+    from matplotlib.colors import TwoSlopeNorm
+
+    # Diverging map centred on 1.0: blue = under-loaded, white = balanced, red = overloaded.
+    norm = TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=max(2.0, max(a.max() for a in loads.values())))
+    ncols = min(3, len(loads))
+    fig, axes = _figure(math.ceil(len(loads) / ncols), ncols, (4.5, 3.2))
+    flat = [ax for row in axes for ax in row]
+    for ax, (method, norm_load) in zip(flat, loads.items()):
+        image = ax.imshow(norm_load, cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest")
+        maxvio = evals[method].get("maxvio_global")
+        if maxvio is None:  # fall back to the definition when eval.json lacks the summary
+            maxvio = float((norm_load.max(axis=1) - 1.0).mean())
+        ax.set_title(f"{method}\nMaxVio_global = {maxvio:.3f}", fontsize="medium")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+    for ax in flat[len(loads):]:
+        ax.set_visible(False)
+    fig.colorbar(image, ax=flat[:len(loads)], label="load / mean load (1 = balanced)")
+    fig.suptitle("Validation expert load per layer (first seed)")
+    return _save(fig, path)
+
+
+def _bias_history(run_dir) -> tuple[np.ndarray, np.ndarray] | None:
+    """(steps, biases[step, layer, expert]) from a run's metrics, or None if never logged."""
+    records = [r for r in read_metrics(run_dir) if r.get("bias") and "step" in r]
+    if not records:
+        return None
+    records.sort(key=lambda r: r["step"])
+    return np.array([r["step"] for r in records]), np.array([r["bias"] for r in records], dtype=float)
+
+
+def plot_biases(runs: dict[str, list[Path]], path) -> Path | None:
+    """Loss-free expert biases over training: one panel per (method, layer), one line per expert."""
+    histories = {m: _bias_history(d) for m, d in _first_runs(runs).items()}
+    histories = {m: h for m, h in histories.items() if h is not None}
+    if not histories:
+        return None
+    fig, groups = _grouped_axes([h[1].shape[1] for h in histories.values()], panel=(3.6, 2.6))
+    for (method, (steps, bias)), axes in zip(histories.items(), groups):
+        for layer, ax in enumerate(axes):
+            ax.plot(steps, bias[:, layer, :], lw=0.6, alpha=0.8)
+            ax.set_title(f"{method}: layer {layer}", fontsize="small")
+            ax.set_xlabel("step", fontsize="small")
+            ax.set_ylabel("bias", fontsize="small")
+            ax.tick_params(labelsize="x-small")
+            ax.grid(True, alpha=0.3)
+    fig.suptitle("Loss-free routing biases over training (one line per expert)")
+    return _save(fig, path)
+
+
+def _domain_fractions(domain_load: dict) -> np.ndarray:
+    """[layer, domain, expert] share of each domain's routed tokens that each expert receives."""
+    counts = np.array(list(domain_load.values()), dtype=float).transpose(1, 0, 2)
+    totals = counts.sum(axis=2, keepdims=True)
+    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+
+
+def plot_domain_load(runs: dict[str, list[Path]], path) -> Path | None:
+    """Per method and layer, each domain's token distribution over experts (specialisation)."""
+    data = {}
+    for method, run_dir in _first_runs(runs).items():
+        domain_load = _read_eval(run_dir).get("domain_load") or {}
+        if len(domain_load) >= 2:
+            data[method] = (list(domain_load), _domain_fractions(domain_load))
+    if not data:
+        return None
+    vmax = max(f.max() for _, f in data.values())
+    fig, groups = _grouped_axes([f.shape[0] for _, f in data.values()], panel=(3.8, 2.4))
+    for (method, (domains, fractions)), axes in zip(data.items(), groups):
+        for layer, ax in enumerate(axes):
+            image = ax.imshow(fractions[layer], cmap="viridis", vmin=0.0, vmax=vmax,
+                              aspect="auto", interpolation="nearest")
+            ax.set_yticks(range(len(domains)), domains, fontsize="x-small")
+            ax.set_title(f"{method}: layer {layer}", fontsize="small")
+            ax.set_xlabel("expert", fontsize="small")
+            ax.tick_params(axis="x", labelsize="x-small")
+    fig.colorbar(image, ax=[ax for axes in groups for ax in axes], label="share of domain's tokens")
+    fig.suptitle("Expert load by data domain (validation set, first seed)")
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- report
+
+_EXPLANATION = (
+    "Each method trains the same Mixture-of-Experts language model and differs only in how it balances "
+    "expert load. `no_balance` routes purely by the gating scores; `aux_loss` adds the usual "
+    "auxiliary balance loss (weight alpha) to the language-model loss; `loss_free` (Auxiliary-Loss-Free "
+    "Balancing, Wang et al. 2024) adds a per-expert bias to the router scores *only* for top-K "
+    "selection (gating weights still use the raw scores) and, after every step, moves each bias by "
+    "u toward balance (up for under-loaded experts, down for overloaded ones), so no interfering "
+    "gradient is added. MaxVio = (max_i load_i - mean load) / mean load, averaged over MoE layers "
+    "(0 = perfectly balanced): MaxVio_global is measured over the whole validation set, "
+    "MaxVio_batch on each training batch (the table reports its mean over the second half of "
+    "training). Validation perplexity is exp(validation loss). Lower is better for every column."
+)
+
+
+def _report_markdown(results: list[dict], plots: dict[str, Path], meta: dict) -> str:
+    """The text of report.md."""
+    captions = {
+        "maxvio_batch": "MaxVio_batch during training (cf. paper Fig. 3)",
+        "ppl_vs_maxvio": "Validation perplexity vs MaxVio_global (cf. paper Figs. 1-2)",
+        "load_heatmaps": "Validation expert load per layer, normalised by the mean load",
+        "biases": "Loss-free routing biases over training",
+        "domain_load": "Expert load by data domain",
+    }
+    parts = [
+        "# Auxiliary-Loss-Free Load Balancing: reproduction report",
+        _EXPLANATION,
+        "## Our results",
+        "Mean ± sample standard deviation over seeds.\n\n" + format_table(results),
+        "### Per run",
+        _per_run_table(results),
+        "## The paper's Table 1 (for reference)",
+        "Numbers reported by Wang et al. (2024) for 1B and 3B models trained on 100B-200B tokens. "
+        "They are **not comparable in absolute terms** with the small runs above; compare the "
+        "*direction* of the differences between methods.\n\n" + _paper_table(),
+        "## Plots",
+    ]
+    parts += [f"### {captions[name]}\n\n![{captions[name]}](plots/{p.name})" for name, p in plots.items()]
+    parts += ["## Configuration", "```json\n" + json.dumps(meta, indent=2, default=str) + "\n```"]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_report(out_dir, results: list[dict], runs: dict[str, list[Path]], *, meta: dict) -> Path:
+    """Write results.json, plots/*.png and report.md into out_dir; return the report.md path."""
+    _require_results(results)
+    out_dir = Path(out_dir)
+    runs = {m: [Path(d) for d in dirs] for m, dirs in runs.items()}
+    for dirs in runs.values():  # fail before writing anything if a run is missing its log
+        for d in dirs:
+            if not (d / "metrics.jsonl").is_file():
+                raise FileNotFoundError(f"no metrics.jsonl in run directory {d}")
+    _write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    plot_dir = out_dir / "plots"
+    makers = {
+        "maxvio_batch": lambda p: plot_maxvio_batch(runs, p),
+        "ppl_vs_maxvio": lambda p: plot_ppl_vs_maxvio(results, p),
+        "load_heatmaps": lambda p: plot_load_heatmaps(runs, p),
+        "biases": lambda p: plot_biases(runs, p),
+        "domain_load": lambda p: plot_domain_load(runs, p),
+    }
+    plots = {name: make(plot_dir / f"{name}.png") for name, make in makers.items()}
+    plots = {name: p for name, p in plots.items() if p is not None}
+    return _write_text(out_dir / "report.md", _report_markdown(results, plots, meta))

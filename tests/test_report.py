@@ -1,0 +1,175 @@
+"""Tests for moe_balance.report on hand-made run directories."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from moe_balance import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+N_LAYERS, N_EXPERTS = 2, 4
+
+
+def make_run(root: Path, name: str, *, maxvio, val_ppl=10.0, maxvio_global=0.5, bias=False,
+             domains=None, truncated=True) -> Path:
+    """Write a fake run directory: metrics.jsonl (one line per step) and eval.json."""
+    run = root / name
+    run.mkdir(parents=True)
+    lines = []
+    for step, mv in enumerate(maxvio, start=1):
+        rec = {"step": step, "loss": 5.0 - 0.1 * step, "lm_loss": 5.0 - 0.1 * step, "aux_loss": 0.0,
+               "lr": 1e-3, "tokens_per_second": 100.0, "maxvio_batch": mv,
+               "maxvio_batch_layers": [mv, mv], "cv": 0.1, "dead_experts": 0}
+        if bias:
+            rec["bias"] = [[0.001 * step * (e - 1.5) * (layer + 1) for e in range(N_EXPERTS)]
+                           for layer in range(N_LAYERS)]
+        if step == 3:  # keys can be missing on some lines
+            del rec["maxvio_batch"]
+        lines.append(json.dumps(rec))
+    text = "\n".join(lines) + "\n"
+    if truncated:
+        text += '{"step": 99, "loss": 1.0, "maxvio_ba'
+    (run / "metrics.jsonl").write_text(text)
+    ev = {"val_loss": math.log(val_ppl), "val_ppl": val_ppl, "maxvio_global": maxvio_global,
+          "maxvio_global_layers": [maxvio_global] * N_LAYERS,
+          "expert_load": [[100, 200, 300, 400], [250, 250, 250, 250]]}
+    if domains:
+        ev["domain_load"] = {d: [[10 * (i + 1), 5, 5, 5], [5, 5, 5, 10 * (i + 1)]] for i, d in enumerate(domains)}
+    (run / "eval.json").write_text(json.dumps(ev))
+    return run
+
+
+# 10 steps; step 3 has no maxvio_batch, so the 9 logged values are 1,2,4,...,10 (x0.1).
+MAXVIO = [0.1 * i for i in range(1, 11)]
+
+
+def test_read_metrics_skips_truncated_last_line(tmp_path):
+    records = report.read_metrics(make_run(tmp_path, "r", maxvio=MAXVIO))
+    assert [r["step"] for r in records] == list(range(1, 11))
+
+
+def test_read_metrics_rejects_corrupt_middle_line(tmp_path):
+    run = make_run(tmp_path, "r", maxvio=MAXVIO, truncated=False)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[4] = "{not json"
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="line 5"):
+        report.read_metrics(run)
+
+
+def test_missing_metrics_names_the_directory(tmp_path):
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="empty_run"):
+        report.read_metrics(empty)
+    with pytest.raises(FileNotFoundError, match="empty_run"):
+        report.summarize_run(empty, method="m", seed=0, wall_seconds=1.0, train_tokens=1)
+    results = [{"method": "m", "seed": 0, "val_ppl": 1.0, "maxvio_global": 0.1}]
+    with pytest.raises(FileNotFoundError, match="empty_run"):
+        report.write_report(tmp_path / "out", results, {"m": [empty]}, meta={})
+
+
+def test_summarize_run_values(tmp_path):
+    run = make_run(tmp_path, "loss_free_s0", maxvio=MAXVIO, val_ppl=12.5, maxvio_global=0.07)
+    row = report.summarize_run(run, method="loss_free", seed=0, wall_seconds=4.0, train_tokens=1000)
+    # Logged values 0.1,0.2,0.4..1.0 (9 of them); second half = last 9 - 9//2 = 5 -> 0.6..1.0.
+    assert row["maxvio_batch"] == pytest.approx(0.8)
+    assert row["tokens_per_second"] == 250.0
+    assert row["final_loss"] == pytest.approx(5.0 - 0.1 * 10)
+    assert row["val_ppl"] == 12.5
+    assert row["val_loss"] == pytest.approx(math.log(12.5))
+    assert row["maxvio_global"] == 0.07
+    assert row["run_dir"] == "loss_free_s0"
+    assert (row["method"], row["seed"], row["train_tokens"], row["wall_seconds"]) == ("loss_free", 0, 1000, 4.0)
+
+
+def test_summarize_run_without_eval(tmp_path):
+    run = make_run(tmp_path, "r", maxvio=[0.5, 0.3])
+    (run / "eval.json").unlink()
+    row = report.summarize_run(run, method="m", seed=1, wall_seconds=2.0, train_tokens=10)
+    assert row["val_ppl"] is None and row["maxvio_global"] is None
+    assert row["maxvio_batch"] == pytest.approx(0.3)
+
+
+def _rows():
+    return [
+        {"method": "aux_loss", "seed": 0, "val_ppl": 10.0, "maxvio_global": 0.6, "maxvio_batch": 1.0, "val_loss": 2.0},
+        {"method": "loss_free", "seed": 0, "val_ppl": 9.0, "maxvio_global": 0.05, "maxvio_batch": 0.2, "val_loss": 1.9},
+        {"method": "aux_loss", "seed": 1, "val_ppl": 12.0, "maxvio_global": 0.8, "maxvio_batch": 2.0, "val_loss": 2.2},
+    ]
+
+
+def test_aggregate_two_seeds_and_one_seed():
+    agg = report.aggregate(_rows())
+    assert [a["method"] for a in agg] == ["aux_loss", "loss_free"]  # first-appearance order
+    aux, lf = agg
+    assert aux["n_seeds"] == 2
+    assert aux["val_ppl_mean"] == pytest.approx(11.0)
+    assert aux["val_ppl_std"] == pytest.approx(math.sqrt(2.0))  # sample std of {10, 12}
+    assert aux["maxvio_global_mean"] == pytest.approx(0.7)
+    assert aux["maxvio_global_std"] == pytest.approx(math.sqrt(0.02))
+    assert aux["maxvio_batch_mean"] == pytest.approx(1.5)
+    assert aux["val_loss_mean"] == pytest.approx(2.1)
+    assert lf["n_seeds"] == 1
+    assert lf["val_ppl_mean"] == 9.0 and lf["val_ppl_std"] == 0.0
+
+
+def test_empty_results_raise(tmp_path):
+    for call in (lambda: report.aggregate([]), lambda: report.format_table([]),
+                 lambda: report.write_report(tmp_path, [], {}, meta={})):
+        with pytest.raises(ValueError, match="empty"):
+            call()
+
+
+def test_format_table():
+    table = report.format_table(_rows())
+    lines = table.splitlines()
+    assert lines[0].startswith("| method | val PPL | MaxVio_global | MaxVio_batch | seeds |")
+    assert len(lines) == 2 + 2  # header, separator, one row per method
+    assert "| aux_loss | 11.00 ± 1.41 | 0.700 ± 0.141 | 1.500 ± 0.707 | 2 |" in lines
+    assert "| loss_free | 9.00 | 0.050 | 0.200 | 1 |" in lines
+
+
+def test_plots_return_none_without_data(tmp_path):
+    runs = {"aux_loss": [make_run(tmp_path, "a", maxvio=MAXVIO, domains=["web"])]}
+    assert report.plot_biases(runs, tmp_path / "b.png") is None
+    assert report.plot_domain_load(runs, tmp_path / "d.png") is None  # one domain is not enough
+    assert not (tmp_path / "b.png").exists() and not (tmp_path / "d.png").exists()
+
+
+def _assert_png(path: Path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert len(data) > 5000
+
+
+def test_write_report(tmp_path):
+    domains = ["web", "code", "math"]
+    runs = {
+        "aux_loss": [make_run(tmp_path / "runs", f"aux_s{s}", maxvio=[m * (s + 1) for m in MAXVIO],
+                              val_ppl=10.0 + s, maxvio_global=0.6, domains=domains) for s in range(2)],
+        "loss_free": [make_run(tmp_path / "runs", "lf_s0", maxvio=[m / 20 for m in MAXVIO],
+                               val_ppl=9.5, maxvio_global=0.04, bias=True, domains=domains)],
+    }
+    results = [report.summarize_run(d, method=m, seed=s, wall_seconds=10.0, train_tokens=5000)
+               for m, dirs in runs.items() for s, d in enumerate(dirs)]
+    meta = {"machine": "test", "command": "moe-balance compare", "config": {"model": {"n_layers": 2}}}
+    out = tmp_path / "out"
+    md_path = report.write_report(out, results, runs, meta=meta)
+
+    assert md_path == out / "report.md"
+    assert json.loads((out / "results.json").read_text()) == results
+    md = md_path.read_text()
+    assert report.format_table(results) in md
+    assert "9.56" in md and "0.04" in md and "Table 1" in md
+    assert '"n_layers": 2' in md and "## Configuration" in md
+    links = [line.split("](")[1].rstrip(")") for line in md.splitlines() if line.startswith("![")]
+    assert sorted(Path(link).name for link in links) == sorted(
+        ["maxvio_batch.png", "ppl_vs_maxvio.png", "load_heatmaps.png", "biases.png", "domain_load.png"])
+    for link in links:
+        assert not Path(link).is_absolute()
+        _assert_png(out / link)
+    assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(Path(link).name for link in links)
+    assert not list(out.rglob("*.tmp"))  # atomic writes leave no temp files behind
