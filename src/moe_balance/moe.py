@@ -1,0 +1,124 @@
+"""The MoE layer: router -> dispatch -> SwiGLU experts -> combine, plus shared experts.
+
+Shape legend: T tokens (all leading dims flattened), D d_model, A kept assignments.
+
+    y_t = sum over shared experts FFN_s(x_t) + sum over selected i of g_{i,t} FFN_i(x_t)
+
+The layer returns the FFN output only; the transformer block adds the residual (so dropped
+assignments leave the token to the residual stream). Balancing losses come back as values
+in ``MoEOutput``; nothing is hidden in globals or autograd side channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .balancing import LossFreeBalancer, build_balancer, loss_name
+from .config import MoEConfig
+from .dispatch import permute, unpermute
+from .experts import SwiGLU, SwiGLUExperts
+from .routing import RoutingDecision, TopKRouter
+
+
+@dataclass(frozen=True)
+class MoEOutput:
+    """y: same shape and dtype as the input. aux_loss: 0-dim sum of ``losses`` (exactly 0
+    when no balancer has a loss). decision: the routing result. losses: name -> value."""
+
+    y: torch.Tensor
+    aux_loss: torch.Tensor
+    decision: RoutingDecision
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class _ObserveOnBackward(torch.autograd.Function):
+    """Identity whose backward reports the forward's routed counts to the balancers.
+
+    Counting in backward means counting once per forward that is trained on: eval and
+    no-grad forwards have no backward; under ``torch.utils.checkpoint`` the reentrant
+    variant's no-grad first pass attaches nothing and its recompute is the one backpropagated,
+    while the non-reentrant variant backpropagates the original graph, never the recompute's.
+    """
+
+    @staticmethod
+    def forward(ctx, y, counts_E, balancers):
+        ctx.counts_E, ctx.balancers = counts_E, balancers
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        for balancer in ctx.balancers:
+            balancer.observe(ctx.counts_E)
+        return grad_y, None, None
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts FFN layer configured by ``MoEConfig``."""
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.router = TopKRouter(c.d_model, c.num_experts, c.top_k, c.router)
+        self.experts = SwiGLUExperts(c.num_experts, c.d_model, c.expert_hidden_size, c.expert_impl)
+        # k shared SwiGLU experts summed == one SwiGLU with k times the hidden width.
+        self.shared_experts = None
+        if c.num_shared_experts:
+            hidden = c.num_shared_experts * (c.shared_expert_hidden_size or c.expert_hidden_size)
+            self.shared_experts = SwiGLU(c.d_model, hidden)
+        self.balancers = nn.ModuleList(build_balancer(s, c.num_experts) for s in c.balancers)
+        self._loss_names = [loss_name(s) for s in c.balancers]
+
+    @property
+    def expert_bias(self) -> torch.Tensor | None:
+        """The Loss-Free selection bias (E,) float32, or None without a LossFree balancer."""
+        for b in self.balancers:
+            if isinstance(b, LossFreeBalancer):
+                return b.expert_bias
+        return None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MoEOutput:
+        """x: (..., d_model). mask: x.shape[:-1] bool, False marks padding tokens, which are
+        not routed (their routed output is 0) and are left out of counts and losses."""
+        D = self.config.d_model
+        if x.dim() < 1 or x.shape[-1] != D:
+            raise ValueError(f"MoE input last dim must be d_model={D}; got shape {tuple(x.shape)}")
+        batch_shape = x.shape[:-1]
+        x_TD = x.reshape(-1, D)
+        mask_T = None
+        if mask is not None:
+            if mask.shape != batch_shape:
+                raise ValueError(f"MoE mask shape must equal the input's leading shape "
+                                 f"{tuple(batch_shape)}; got {tuple(mask.shape)}")
+            mask_T = mask.reshape(-1).to(device=x.device, dtype=torch.bool)
+
+        biases = [b.selection_bias() for b in self.balancers]
+        biases = [b for b in biases if b is not None]
+        bias_E = biases[0] if biases else None
+        decision = self.router(x_TD, bias_E, mask_T)
+
+        y_AD = self.experts(permute(x_TD, decision), decision.tokens_per_expert)
+        y_TD = unpermute(y_AD, decision, x_TD.shape[0])
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+
+        losses = {}
+        for name, balancer in zip(self._loss_names, self.balancers):
+            value = balancer.loss(decision, batch_shape)
+            if value is not None:
+                losses[name] = losses[name] + value if name in losses else value
+        aux_loss = sum(losses.values()) if losses else torch.zeros((), device=x.device)
+
+        observers = [b for b in self.balancers if b.observes_counts]
+        if observers and self.training and y_TD.requires_grad:
+            counts_E = decision.routed_tokens_per_expert.detach()
+            y_TD = _ObserveOnBackward.apply(y_TD, counts_E, observers)
+        return MoEOutput(y=y_TD.view(x.shape), aux_loss=aux_loss, decision=decision, losses=losses)
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """Every MoE layer in a model, in module order."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
