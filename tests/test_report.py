@@ -173,3 +173,16 @@ def test_write_report(tmp_path):
         _assert_png(out / link)
     assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(Path(link).name for link in links)
     assert not list(out.rglob("*.tmp"))  # atomic writes leave no temp files behind
+
+
+def test_rewrite_drops_stale_plots(tmp_path):
+    lf = make_run(tmp_path, "lf", maxvio=MAXVIO, bias=True)
+    aux = make_run(tmp_path, "aux", maxvio=MAXVIO)
+    out = tmp_path / "out"
+    rows = [report.summarize_run(lf, method="loss_free", seed=0, wall_seconds=1.0, train_tokens=10)]
+    report.write_report(out, rows, {"loss_free": [str(lf)]}, meta={})
+    assert (out / "plots" / "biases.png").exists()
+    rows = [report.summarize_run(aux, method="aux_loss", seed=0, wall_seconds=1.0, train_tokens=10)]
+    md = report.write_report(out, rows, {"aux_loss": [aux]}, meta={}).read_text()
+    assert not (out / "plots" / "biases.png").exists() and "biases.png" not in md
+    assert "plots/maxvio_batch.png" in md

@@ -25,14 +25,17 @@ PAPER_RESULTS: list[dict] = [
 
 _AGG_KEYS = ("val_ppl", "maxvio_global", "maxvio_batch", "val_loss")
 
-# ----------------------------------------------------------------------------- reading
+def _metrics_path(run_dir) -> Path:
+    """RUN/metrics.jsonl, or FileNotFoundError naming the run directory."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in run directory {Path(run_dir)}")
+    return path
 
 
 def read_metrics(run_dir) -> list[dict]:
     """Parse RUN/metrics.jsonl into a list of dicts, skipping a truncated last line."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics.jsonl in run directory {Path(run_dir)}")
+    path = _metrics_path(run_dir)
     lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     records = []
     for i, line in enumerate(lines):
@@ -60,9 +63,6 @@ def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return steps, np.array([p[1] for p in pairs], dtype=float)
 
 
-# ----------------------------------------------------------------------------- summaries
-
-
 def summarize_run(run_dir, *, method: str, seed: int, wall_seconds: float, train_tokens: int) -> dict:
     """One results.json row for a finished run."""
     if wall_seconds <= 0:
@@ -70,7 +70,7 @@ def summarize_run(run_dir, *, method: str, seed: int, wall_seconds: float, train
     records = read_metrics(run_dir)
     ev = _read_eval(run_dir)
     _, maxvio = _series(records, "maxvio_batch")
-    # The second half skips the early transient, where every method is unbalanced.
+    # The last ceil(n/2) logged values: skips the early transient where every method is unbalanced.
     second_half = maxvio[len(maxvio) // 2:]
     losses = [r["loss"] for r in records if r.get("loss") is not None]
     val_ppl = ev.get("val_ppl")
@@ -150,16 +150,15 @@ def _per_run_table(results: list[dict]) -> str:
          _fmt(r.get("maxvio_batch"), 3), _fmt(r.get("tokens_per_second"), 0), _fmt(r.get("wall_seconds"), 0)]
         for r in results
     ]
-    return _markdown_table(["method", "seed", "val PPL", "MaxVio_global", "MaxVio_batch", "tokens/s", "wall s"], rows)
+    header = ["method", "seed", "val PPL", "MaxVio_global", "MaxVio_batch", "tokens/s", "wall s"]
+    return _markdown_table(header, rows)
 
 
 def _paper_table() -> str:
     """The paper's Table 1 as Markdown."""
-    rows = [[p["model"], p["method"], f"{p['val_ppl']:.2f}", f"{p['maxvio_global']:.2f}"] for p in PAPER_RESULTS]
+    rows = [[p["model"], p["method"], f"{p['val_ppl']:.2f}", f"{p['maxvio_global']:.2f}"]
+            for p in PAPER_RESULTS]
     return _markdown_table(["model", "method", "val PPL", "MaxVio_global"], rows)
-
-
-# ----------------------------------------------------------------------------- atomic writes
 
 
 def _atomic_write(path: Path, write) -> Path:
@@ -168,6 +167,7 @@ def _atomic_write(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be shared
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -180,9 +180,6 @@ def _atomic_write(path: Path, write) -> Path:
 def _write_text(path: Path, text: str) -> Path:
     """Atomically write a UTF-8 text file."""
     return _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-# ----------------------------------------------------------------------------- plotting helpers
 
 
 def _figure(nrows: int, ncols: int, panel: tuple[float, float]):
@@ -233,21 +230,40 @@ def _smooth(y: np.ndarray) -> np.ndarray:
     return np.convolve(y, kernel, mode="same") / np.convolve(np.ones_like(y), kernel, mode="same")
 
 
-def _use_log(values: np.ndarray) -> bool:
-    """Log scale only when values are positive and span more than a decade."""
+def _plain_log_ticks(axis) -> None:
+    """Label a log axis with plain numbers at 1-2-5 steps (default 3x10^-1 labels collide)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _maybe_log(ax, which: str, values) -> None:
+    """Put ax's `which` ("x"/"y") axis on a log scale if values are positive and span > 1 decade."""
+    values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
-    return len(values) > 0 and values.min() > 0 and values.max() / values.min() > 10
+    if len(values) and values.min() > 0 and values.max() / values.min() > 10:
+        getattr(ax, f"set_{which}scale")("log")
+        _plain_log_ticks(ax.xaxis if which == "x" else ax.yaxis)
+
+
+def _expert_axis(ax) -> None:
+    """Integer expert indices on the x axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("expert", fontsize="small")
 
 
 def _mean_over_seeds(run_dirs) -> tuple[np.ndarray, np.ndarray]:
     """(steps, mean MaxVio_batch over seeds), on the union of logged steps."""
     per_seed = [dict(zip(*_series(read_metrics(d), "maxvio_batch"))) for d in run_dirs]
     steps = np.array(sorted(set().union(*per_seed)))
+    if not len(steps):
+        return steps, steps
     table = np.array([[s.get(x, np.nan) for x in steps] for s in per_seed])
-    return steps, np.nanmean(table, axis=0) if len(steps) else np.array([])
-
-
-# ----------------------------------------------------------------------------- plots
+    return steps, np.nanmean(table, axis=0)
 
 
 def plot_maxvio_batch(runs: dict[str, list[Path]], path) -> Path | None:
@@ -262,8 +278,7 @@ def plot_maxvio_batch(runs: dict[str, list[Path]], path) -> Path | None:
     for method, (steps, y) in curves.items():
         ax.plot(steps, y, color=colors[method], alpha=0.2, lw=0.8)
         ax.plot(steps, _smooth(y), color=colors[method], lw=1.8, label=method)
-    if _use_log(np.concatenate([y for _, y in curves.values()])):
-        ax.set_yscale("log")
+    _maybe_log(ax, "y", np.concatenate([y for _, y in curves.values()]))
     ax.set_xlabel("training step")
     ax.set_ylabel("MaxVio_batch (mean over layers)")
     ax.set_title("Per-batch load violation during training (lower is better)")
@@ -284,10 +299,9 @@ def plot_ppl_vs_maxvio(results: list[dict], path) -> Path | None:
         mine = [r for r in rows if r["method"] == method]
         ax.scatter([r["maxvio_global"] for r in mine], [r["val_ppl"] for r in mine],
                    color=color, s=60, edgecolor="black", lw=0.5, label=method, zorder=3)
-    if _use_log(np.array([r["maxvio_global"] for r in rows], dtype=float)):
-        ax.set_xscale("log")
-    ax.set_xlabel("MaxVio_global on validation set (← more balanced)")
-    ax.set_ylabel("validation perplexity (← better)")
+    _maybe_log(ax, "x", [r["maxvio_global"] for r in rows])
+    ax.set_xlabel("MaxVio_global on validation set (lower = more balanced)")
+    ax.set_ylabel("validation perplexity (lower is better)")
     ax.set_title("Perplexity vs load balance (lower-left is better)")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")
@@ -307,24 +321,28 @@ def plot_load_heatmaps(runs: dict[str, list[Path]], path) -> Path | None:
     loads = {m: _normalised_load(ev["expert_load"]) for m, ev in evals.items() if ev.get("expert_load")}
     if not loads:
         return None
-    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.colors import LogNorm
 
-    # Diverging map centred on 1.0: blue = under-loaded, white = balanced, red = overloaded.
-    norm = TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=max(2.0, max(a.max() for a in loads.values())))
-    ncols = min(3, len(loads))
+    # Diverging map on a log scale symmetric around 1.0, so x2 and x0.5 look equally far off:
+    # blue = under-loaded, white = balanced, red = overloaded. Dead experts clip to darkest blue.
+    top = max(2.0, max(a.max() for a in loads.values()))
+    norm = LogNorm(vmin=1.0 / top, vmax=top)
+    ncols = math.ceil(math.sqrt(len(loads)))
     fig, axes = _figure(math.ceil(len(loads) / ncols), ncols, (4.5, 3.2))
     flat = [ax for row in axes for ax in row]
     for ax, (method, norm_load) in zip(flat, loads.items()):
-        image = ax.imshow(norm_load, cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest")
+        image = ax.imshow(np.clip(norm_load, norm.vmin, None), cmap="RdBu_r", norm=norm,
+                          aspect="auto", interpolation="nearest")
         maxvio = evals[method].get("maxvio_global")
         if maxvio is None:  # fall back to the definition when eval.json lacks the summary
             maxvio = float((norm_load.max(axis=1) - 1.0).mean())
         ax.set_title(f"{method}\nMaxVio_global = {maxvio:.3f}", fontsize="medium")
-        ax.set_xlabel("expert")
+        _expert_axis(ax)
         ax.set_ylabel("layer")
     for ax in flat[len(loads):]:
         ax.set_visible(False)
-    fig.colorbar(image, ax=flat[:len(loads)], label="load / mean load (1 = balanced)")
+    bar = fig.colorbar(image, ax=flat[:len(loads)], label="load / mean load (log scale, 1 = balanced)")
+    _plain_log_ticks(bar.ax.yaxis)
     fig.suptitle("Validation expert load per layer (first seed)")
     return _save(fig, path)
 
@@ -374,21 +392,20 @@ def plot_domain_load(runs: dict[str, list[Path]], path) -> Path | None:
     if not data:
         return None
     vmax = max(f.max() for _, f in data.values())
-    fig, groups = _grouped_axes([f.shape[0] for _, f in data.values()], panel=(3.8, 2.4))
+    cols = 8  # one row per method for models with up to 8 MoE layers
+    fig, groups = _grouped_axes([f.shape[0] for _, f in data.values()], panel=(2.6, 1.8), max_cols=cols)
     for (method, (domains, fractions)), axes in zip(data.items(), groups):
         for layer, ax in enumerate(axes):
             image = ax.imshow(fractions[layer], cmap="viridis", vmin=0.0, vmax=vmax,
                               aspect="auto", interpolation="nearest")
-            ax.set_yticks(range(len(domains)), domains, fontsize="x-small")
+            ax.set_yticks(range(len(domains)), domains if layer % cols == 0 else [], fontsize="x-small")
             ax.set_title(f"{method}: layer {layer}", fontsize="small")
-            ax.set_xlabel("expert", fontsize="small")
+            _expert_axis(ax)
             ax.tick_params(axis="x", labelsize="x-small")
     fig.colorbar(image, ax=[ax for axes in groups for ax in axes], label="share of domain's tokens")
     fig.suptitle("Expert load by data domain (validation set, first seed)")
     return _save(fig, path)
 
-
-# ----------------------------------------------------------------------------- report
 
 _EXPLANATION = (
     "Each method trains the same Mixture-of-Experts language model and differs only in how it balances "
@@ -438,8 +455,7 @@ def write_report(out_dir, results: list[dict], runs: dict[str, list[Path]], *, m
     runs = {m: [Path(d) for d in dirs] for m, dirs in runs.items()}
     for dirs in runs.values():  # fail before writing anything if a run is missing its log
         for d in dirs:
-            if not (d / "metrics.jsonl").is_file():
-                raise FileNotFoundError(f"no metrics.jsonl in run directory {d}")
+            _metrics_path(d)
     _write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     plot_dir = out_dir / "plots"
     makers = {
@@ -449,6 +465,11 @@ def write_report(out_dir, results: list[dict], runs: dict[str, list[Path]], *, m
         "biases": lambda p: plot_biases(runs, p),
         "domain_load": lambda p: plot_domain_load(runs, p),
     }
-    plots = {name: make(plot_dir / f"{name}.png") for name, make in makers.items()}
-    plots = {name: p for name, p in plots.items() if p is not None}
+    plots = {}
+    for name, make in makers.items():
+        path = make(plot_dir / f"{name}.png")
+        if path is None:  # drop a stale plot from an earlier report in the same out_dir
+            (plot_dir / f"{name}.png").unlink(missing_ok=True)
+        else:
+            plots[name] = path
     return _write_text(out_dir / "report.md", _report_markdown(results, plots, meta))

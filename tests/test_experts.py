@@ -1,0 +1,125 @@
+"""Experts and dispatch: fast paths against the loop reference, dense equivalence, permutation."""
+
+import pytest
+import torch
+
+from moe_balance import MoE, MoEConfig, RouterConfig
+from moe_balance.dispatch import permute, unpermute
+from moe_balance.experts import SwiGLU, grouped_mm_supported
+from moe_balance.routing import TopKRouter
+
+FAST_IMPLS = ["bmm"] + (["grouped_mm"] if grouped_mm_supported("cpu", torch.float32) else [])
+
+
+def run_layer(layer, x):
+    """Forward + backward with a non-trivial upstream gradient; returns output and all grads."""
+    layer.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    out = layer(x)
+    weight = torch.linspace(-1, 1, out.y.numel()).view_as(out.y)
+    ((out.y * weight).sum() + out.aux_loss).backward()
+    grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
+    return out.y.detach(), x.grad.clone(), grads
+
+
+def test_grouped_mm_is_available_on_this_torch():
+    # The CPU reference machine runs torch 2.13, whose CPU _grouped_mm works in fp32: if this
+    # ever fails the "auto" path silently falls back to bmm, which should be noticed.
+    assert grouped_mm_supported("cpu", torch.float32)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("capacity_factor", [None, 0.7])
+def test_fast_path_matches_loop_reference(impl, capacity_factor):
+    torch.manual_seed(0)
+    base = dict(d_model=24, num_experts=8, top_k=3, expert_hidden_size=16, num_shared_experts=1,
+                router=RouterConfig(capacity_factor=capacity_factor, normalize_weights=True))
+    reference = MoE(MoEConfig(**base, expert_impl="loop"))
+    fast = MoE(MoEConfig(**base, expert_impl=impl))
+    fast.load_state_dict(reference.state_dict())
+    # a skewed input makes experts unequally loaded (some get nothing), the hard case for padding
+    x = torch.randn(3, 20, 24) + 2.0 * reference.router.weight[0].detach() / reference.router.weight[0].norm()
+    y_ref, gx_ref, g_ref = run_layer(reference, x)
+    y, gx, g = run_layer(fast, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+    assert g.keys() == g_ref.keys() and "router.weight" in g
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_expert_with_no_tokens_gets_zero_gradient():
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(d_model=8, num_experts=4, top_k=1, expert_hidden_size=4, expert_impl="bmm"))
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[2] = 1.0  # every positive-sum token picks expert 2 ...
+    x = torch.rand(10, 8)             # ... and all of these have a positive sum
+    out = layer(x)
+    assert out.decision.tokens_per_expert.tolist() == [0, 0, 10, 0]
+    out.y.sum().backward()
+    assert torch.all(layer.experts.w_up.grad[[0, 1, 3]] == 0)
+    assert layer.experts.w_up.grad[2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", ["loop"] + FAST_IMPLS)
+def test_one_expert_top1_equals_dense_swiglu(impl):
+    torch.manual_seed(0)
+    # softmax over one expert gives gate 1.0 exactly
+    layer = MoE(MoEConfig(d_model=16, num_experts=1, top_k=1, expert_hidden_size=32,
+                          router=RouterConfig(score_fn="softmax"), expert_impl=impl))
+    dense = SwiGLU(16, 32)
+    with torch.no_grad():
+        # nn.Linear stores (out, in); the stacked experts store (in, out)
+        dense.w_gate.weight.copy_(layer.experts.w_gate[0].T)
+        dense.w_up.weight.copy_(layer.experts.w_up[0].T)
+        dense.w_down.weight.copy_(layer.experts.w_down[0].T)
+    x = torch.randn(5, 7, 16, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y_moe, y_dense = layer(x).y, dense(x2)
+    torch.testing.assert_close(y_moe, y_dense, rtol=1e-5, atol=1e-6)
+    y_moe.square().sum().backward()
+    y_dense.square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.experts.w_down.grad[0], dense.w_down.weight.grad.T, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_experts_are_always_on():
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(d_model=8, num_experts=4, top_k=1, expert_hidden_size=4, num_shared_experts=2,
+                          router=RouterConfig(capacity_factor=1e-6)))  # capacity 1: almost all dropped
+    x = torch.randn(12, 8)
+    out = layer(x)
+    dropped = torch.ones(12, dtype=torch.bool)
+    dropped[out.decision.token_ids] = False
+    torch.testing.assert_close(out.y[dropped], layer.shared_experts(x[dropped]))
+    assert layer.shared_experts.w_up.weight.shape == (2 * 4, 8)  # two experts of width 4
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_permute_then_unpermute_is_identity_with_gradients(top_k):
+    torch.manual_seed(0)
+    router = TopKRouter(8, 6, top_k, RouterConfig(score_fn="softmax", normalize_weights=True))
+    x = torch.randn(30, 8, requires_grad=True)
+    decision = router(x.detach())
+    x_AD = permute(x, decision)
+    # rows come out grouped by expert: each expert's block is contiguous and in expert order
+    assert torch.equal(x_AD, x.detach()[decision.token_ids])
+    assert torch.all(decision.expert_ids[1:] >= decision.expert_ids[:-1])
+    # gates sum to one per token, so combining the untouched rows gives x back
+    y = unpermute(x_AD, decision, 30)
+    torch.testing.assert_close(y, x.detach())
+    upstream = torch.randn(30, 8)
+    (y * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, upstream)
+
+
+def test_unpermute_accumulates_in_float32():
+    torch.manual_seed(0)
+    router = TopKRouter(8, 4, 2, RouterConfig())
+    x = torch.randn(10, 8)
+    decision = router(x)
+    y_bf16 = unpermute(permute(x, decision).bfloat16(), decision, 10)
+    y_fp32 = unpermute(permute(x, decision).bfloat16().float(), decision, 10)
+    assert y_bf16.dtype == torch.bfloat16
+    assert torch.equal(y_bf16, y_fp32.bfloat16())  # one rounding at the end, not one per add
