@@ -1,0 +1,62 @@
+"""Data parallel on 2 gloo processes: counts and losses see the whole global batch."""
+
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moe_balance import AuxLoss, LossFree, MoE, MoEConfig, update_balancers
+
+CONFIG = MoEConfig(d_model=8, num_experts=4, top_k=1, expert_hidden_size=4,
+                   balancers=(LossFree(update_rate=1e-3), AuxLoss(coeff=1.0, scope="global_batch")))
+
+
+def rank_data(rank):
+    return torch.randn(12, 8, generator=torch.Generator().manual_seed(100 + rank)) + 2.0 * rank
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(rank, world, port, results):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        layer = MoE(CONFIG)
+        out = layer(rank_data(rank))
+        (out.y.sum() + out.aux_loss).backward()
+        local_counts = layer.balancers[0].pending_counts.clone()
+        update_balancers(layer)
+        results[rank] = {"bias": layer.expert_bias.clone(), "local_counts": local_counts,
+                         "global_loss": out.losses["aux_loss/global_batch"].detach().clone()}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_update_the_same_bias_from_global_counts():
+    results = mp.Manager().dict()
+    mp.spawn(worker, args=(2, free_port(), results), nprocs=2, join=True)
+
+    # single-process reference: the same layer sees both ranks' data
+    torch.manual_seed(0)
+    layer = MoE(CONFIG)
+    counts = [layer(rank_data(r)).decision.routed_tokens_per_expert for r in range(2)]
+    for r in range(2):
+        assert torch.equal(results[r]["local_counts"], counts[r])
+    total = (counts[0] + counts[1]).double()
+    expected_bias = (1e-3 * torch.sign(total.mean() - total)).float()
+    assert not torch.equal(torch.sign(counts[0].double().mean() - counts[0]).float(), torch.sign(total.mean() - total).float()), \
+        "test data should make the local and global update differ"
+    for r in range(2):
+        assert torch.equal(results[r]["bias"], expected_bias)
+
+    # the global-batch loss on each rank uses f from both ranks' counts and P from its own tokens
+    from moe_balance.balancing import normalized_probs, switch_loss_from_counts
+    for r in range(2):
+        scores = layer(rank_data(r)).decision.scores
+        expected = switch_loss_from_counts(normalized_probs(scores), counts[0] + counts[1])
+        torch.testing.assert_close(results[r]["global_loss"], expected.detach())
