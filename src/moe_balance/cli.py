@@ -1,0 +1,135 @@
+"""Command-line interface: ``moe-balance {demo,train,compare,sweep,methods,params}``.
+
+Every ``TrainConfig`` field is a typed flag (``--steps 500``, ``--lr 2e-3``, ``--data mixed``)
+that overrides the chosen ``--preset``; unknown or mistyped values fail with the field's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+from pathlib import Path
+
+from .methods import SWEEPS, get_method, list_methods
+from .train import TRAIN_PRESETS, TrainConfig, compare, train, train_config
+
+DEFAULT_METHODS = ("aux_loss", "loss_free")
+_PARSERS = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
+
+
+def _nullable(parse):
+    return lambda text: None if text.lower() == "none" else parse(text)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    group = parser.add_argument_group("training configuration (overrides the preset)")
+    group.add_argument("--preset", default="quick", choices=sorted(TRAIN_PRESETS),
+                       help="training preset: model size and budget (default: quick)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip or f.name == "preset":
+            continue
+        parse = _PARSERS[str(f.type)]
+        if "None" in str(f.type):
+            parse = _nullable(parse)
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=parse, default=None,
+                           metavar=str(f.type).split(" ")[0].upper(), help=f"default: {f.default!r}")
+
+
+def _config_from_args(args, skip: tuple[str, ...] = ()) -> TrainConfig:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if f.name not in skip and f.name != "preset" and getattr(args, f.name) is not None}
+    return train_config(args.preset, **overrides)
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-balance", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="compare aux loss and Loss-Free on the quick preset (make demo)")
+    p.add_argument("--out", default="runs/demo")
+
+    p = sub.add_parser("train", help="train one model")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    _add_config_flags(p)
+
+    for name, helptext in (("compare", "train several methods x seeds and write a report"),
+                           ("sweep", "the paper's ablations: update rate u and aux coefficient alpha")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--out", required=True, help="output directory")
+        p.add_argument("--resume", action="store_true", help="resume every run from its checkpoints")
+        if name == "compare":
+            p.add_argument("--methods", type=_csv, default=list(DEFAULT_METHODS),
+                           help=f"comma-separated method names (default: {','.join(DEFAULT_METHODS)})")
+        else:
+            p.add_argument("--which", choices=sorted(SWEEPS) + ["all"], default="all")
+        p.add_argument("--seeds", type=lambda t: [int(s) for s in _csv(t)], default=[0],
+                       help="comma-separated seeds (default: 0)")
+        _add_config_flags(p, skip=("method", "seed"))
+
+    sub.add_parser("methods", help="list the registered balancing methods")
+    p = sub.add_parser("params", help="parameter counts of a model preset (built on the meta device)")
+    p.add_argument("--preset", default="paper-1b", choices=sorted(TRAIN_PRESETS))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command_line = "moe-balance " + shlex.join(argv)
+    try:
+        if args.command == "methods":
+            for m in list_methods():
+                print(f"{m.name:<20} {m.description}")
+        elif args.command == "params":
+            _print_params(args.preset)
+        elif args.command == "train":
+            result = train(_config_from_args(args), args.out, resume=args.resume)
+            print(f"val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}  "
+                  f"maxvio_global {result['maxvio_global']:.3f}  ({result['wall_seconds']:.0f} s) -> {args.out}")
+        elif args.command == "demo":
+            compare(list(DEFAULT_METHODS), [0], train_config("quick"), args.out, command=command_line)
+            print(f"report: {Path(args.out) / 'report.md'}")
+        else:
+            skip = ("method", "seed")
+            methods = args.methods if args.command == "compare" else _sweep_methods(args.which)
+            for m in methods:
+                get_method(m)
+            compare(methods, args.seeds, _config_from_args(args, skip), args.out, resume=args.resume,
+                    command=command_line)
+            print(f"report: {Path(args.out) / 'report.md'}")
+    except ValueError as err:
+        parser.error(str(err))
+    return 0
+
+
+def _sweep_methods(which: str) -> list[str]:
+    groups = sorted(SWEEPS) if which == "all" else [which]
+    names = []
+    for g in groups:
+        names += [m.name for m in SWEEPS[g] if m.name not in names]
+    return names
+
+
+def _print_params(preset: str) -> None:
+    import torch
+
+    from .model import MoETransformer, model_preset
+
+    cfg = train_config(preset)
+    with torch.device("meta"):
+        model = MoETransformer(model_preset(cfg.preset, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
+                                            balancers=get_method(cfg.method).balancers))
+    for key, value in model.param_counts().items():
+        print(f"{key:<24} {value:>15,}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,368 @@
+"""Training harness: one run (``train``), several methods x seeds (``compare``), evaluation.
+
+A run directory holds: config.json, metrics.jsonl (one line per optimizer step), tb/
+(TensorBoard events), ckpt-<step>.pt (the newest complete checkpoints), eval.json (final
+evaluation) and model.safetensors (final weights and balancer buffers).
+
+Every run with the same seed sees the same initial weights and the same batches, whatever
+the method: the sampler is a pure function of (seed, batch index) and the model is built
+right after seeding, so methods differ only in how they balance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .balancing import update_balancers
+from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import BatchSampler, TokenizedCorpus, eval_windows, prepare_corpus
+from .methods import get_method
+from .metrics import LoadAccumulator, coefficient_of_variation, dead_experts, max_vio
+from .model import MoETransformer, model_preset
+from .report import format_table, summarize_run, write_report
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One training run. ``preset`` names the model architecture (``model.PRESETS``)."""
+
+    preset: str = "quick"
+    method: str = "loss_free"
+    seed: int = 0
+    data: str | None = None            # None: the Python standard library source
+    vocab_size: int = 8192
+    max_train_tokens: int | None = None
+    cache_dir: str = ".cache/moe_balance"
+    steps: int = 300
+    batch_size: int = 32               # sequences per micro-batch
+    grad_accum: int = 1                # micro-batches per optimizer step
+    seq_len: int = 128
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1          # cosine decay to 10% of the peak, as in the paper
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    dtype: str = "float32"             # "bfloat16": CPU autocast for the forward pass
+    eval_tokens: int = 131072
+    eval_batch_size: int = 32
+    eval_every: int = 0                # 0: evaluate at the end only
+    checkpoint_every: int = 100        # 0: only the final checkpoint
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "vocab_size", "eval_tokens",
+                     "eval_batch_size", "log_every"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"TrainConfig.{name}={value!r} must be an integer >= 1")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 0):
+                raise ValueError(f"TrainConfig.{name}={value!r} must be an integer >= 0")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainConfig.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        if self.weight_decay < 0:
+            raise ValueError(f"TrainConfig.weight_decay={self.weight_decay!r} must be >= 0")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"TrainConfig.dtype={self.dtype!r} is not allowed; choose one of {DTYPES}")
+        get_method(self.method)  # ValueError listing the known methods
+        model_preset(self.preset)  # ValueError listing the known presets
+
+
+# Training budgets per preset (the architecture is in model.PRESETS). Measured on the
+# 2-core reference machine; see README "Results".
+TRAIN_PRESETS: dict[str, dict] = {
+    "tiny": dict(preset="tiny", vocab_size=512, max_train_tokens=200_000, steps=20, batch_size=8,
+                 seq_len=32, warmup_steps=2, eval_tokens=4096, checkpoint_every=10),
+    "quick": dict(preset="quick", steps=300, batch_size=32, seq_len=64, warmup_steps=30,
+                  lr=2e-3, eval_tokens=131072, checkpoint_every=100),
+    "standard": dict(preset="standard", steps=2000, batch_size=32, seq_len=128, warmup_steps=200,
+                     lr=1e-3, eval_tokens=262144, checkpoint_every=250),
+    "paper-1b": dict(preset="paper-1b", vocab_size=32000, steps=100_000, batch_size=1152,
+                     seq_len=2048, warmup_steps=1000, lr=1e-3, eval_tokens=10_000_000,
+                     checkpoint_every=1000),
+}
+
+
+def train_config(preset: str = "quick", **overrides) -> TrainConfig:
+    """The ``TrainConfig`` of a named training preset with field overrides."""
+    if preset not in TRAIN_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(TRAIN_PRESETS)}")
+    return TrainConfig(**{**TRAIN_PRESETS[preset], **overrides})
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to the peak, then cosine decay to ``min_lr_ratio`` of it (paper sec. 4.1)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+
+def build_model(cfg: TrainConfig, vocab_size: int) -> MoETransformer:
+    method = get_method(cfg.method)
+    torch.manual_seed(cfg.seed)
+    return MoETransformer(model_preset(cfg.preset, vocab_size=vocab_size, seq_len=cfg.seq_len,
+                                       balancers=method.balancers, router=method.router))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
+    """AdamW with weight decay on matrices only (norms and 1-d tensors are not decayed).
+
+    The Loss-Free bias is a buffer, not a parameter: the optimizer never sees it.
+    """
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    return optimizer, scheduler
+
+
+def _autocast(cfg: TrainConfig):
+    if cfg.dtype == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _loss_free_biases(model: MoETransformer) -> list[list[float]] | None:
+    biases = [layer.expert_bias for layer in model.moe_layers]
+    if any(b is None for b in biases):
+        return None
+    return [b.tolist() for b in biases]
+
+
+@torch.no_grad()
+def evaluate(model: MoETransformer, corpus: TokenizedCorpus, cfg: TrainConfig) -> dict:
+    """Validation loss, perplexity and MaxVio_global over a fixed token budget.
+
+    Also the per-layer per-expert load over the whole set and, when the corpus has several
+    domains, the load of each domain's tokens separately (to show expert specialisation).
+    """
+    was_training = model.training
+    model.eval()
+    layers, experts = len(model.moe_layers), model.config.moe.num_experts
+    total = LoadAccumulator(layers, experts)
+    per_domain = {d: LoadAccumulator(layers, experts) for d in corpus.domains}
+    loss_sum, token_count = 0.0, 0
+    for tokens_BS1, domain_B in eval_windows(corpus.val, seq_len=cfg.seq_len, max_tokens=cfg.eval_tokens,
+                                             batch_size=cfg.eval_batch_size):
+        for d in domain_B.unique().tolist():
+            rows = domain_B == d
+            with _autocast(cfg):
+                out = model(tokens_BS1[rows, :-1], tokens_BS1[rows, 1:])
+            n = int(rows.sum()) * cfg.seq_len
+            loss_sum += float(out.lm_loss) * n
+            token_count += n
+            total.add(out.layer_loads)
+            per_domain[corpus.domains[d]].add(out.layer_loads)
+    model.train(was_training)
+    val_loss = loss_sum / max(1, token_count)
+    result = {
+        "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": token_count,
+        "maxvio_global": total.maxvio(), "maxvio_global_layers": total.maxvio_per_layer(),
+        "expert_load": total.counts.tolist(),
+    }
+    if len(corpus.domains) > 1:
+        result["domain_load"] = {d: acc.counts.tolist() for d, acc in per_domain.items()}
+    return result
+
+
+def _training_state(model, optimizer, scheduler, step: int) -> dict:
+    return {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the metrics of steps <= last_step (a resumed run rewrites what came after)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):
+            break  # a line cut by a kill: everything after it is gone anyway
+    atomic_write(path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept)))
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False,
+          corpus: TokenizedCorpus | None = None, progress: bool = True,
+          on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Train one model; returns the final evaluation plus wall time and token counts.
+
+    resume: continue from the newest complete checkpoint in ``out_dir`` (fresh start if none);
+    the resumed run's later steps equal the uninterrupted run's. on_step(step, record) is
+    called after each optimizer step (used by tests to simulate a crash).
+    """
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if corpus is None:
+        corpus = prepare_corpus(cfg.data, vocab_size=cfg.vocab_size, cache_dir=Path(cfg.cache_dir),
+                                max_train_tokens=cfg.max_train_tokens, progress=progress)
+    model = build_model(cfg, corpus.vocab_size)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    start_step, wall_before = 0, 0.0
+    checkpoint = latest_checkpoint(out_dir) if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_step, wall_before = state["step"], state.get("wall_seconds", 0.0)
+    metrics_path = out_dir / "metrics.jsonl"
+    if checkpoint is None:
+        metrics_path.unlink(missing_ok=True)
+    _truncate_metrics(metrics_path, start_step)
+    atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(
+        {"train": dataclasses.asdict(cfg), "model": _jsonable(model.config),
+         "params": model.param_counts(), "vocab_size": corpus.vocab_size}, indent=2)))
+
+    sampler = BatchSampler(corpus.train, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
+    writer = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    model.train()
+    started = time.perf_counter()
+    bar = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps,
+               desc=f"{cfg.method} s{cfg.seed}", disable=not progress, dynamic_ncols=True)
+    with open(metrics_path, "a") as metrics_file:
+        for step in bar:
+            t0 = time.perf_counter()
+            record = _train_step(model, optimizer, scheduler, sampler, cfg, step)
+            record["tokens_per_second"] = tokens_per_step / (time.perf_counter() - t0)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                ev = evaluate(model, corpus, cfg)
+                record.update(val_loss=ev["val_loss"], val_ppl=ev["val_ppl"], maxvio_global=ev["maxvio_global"])
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            if step % cfg.log_every == 0:
+                for key in ("loss", "lm_loss", "aux_loss", "lr", "maxvio_batch", "cv", "tokens_per_second"):
+                    writer.add_scalar(f"train/{key}", record[key], step)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", maxvio=f"{record['maxvio_batch']:.2f}")
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+                state = _training_state(model, optimizer, scheduler, step)
+                state["wall_seconds"] = wall_before + time.perf_counter() - started
+                save_checkpoint(out_dir, step, state)
+            if on_step is not None:
+                on_step(step, record)
+    wall_seconds = wall_before + time.perf_counter() - started
+
+    result = evaluate(model, corpus, cfg)
+    for key in ("val_loss", "val_ppl", "maxvio_global"):
+        writer.add_scalar(f"eval/{key}", result[key], cfg.steps)
+    writer.close()
+    result.update(wall_seconds=wall_seconds, train_tokens=tokens_per_step * cfg.steps,
+                  params=model.param_counts())
+    atomic_write(out_dir / "eval.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    _save_weights(model, out_dir / "model.safetensors")
+    return result
+
+
+def _train_step(model, optimizer, scheduler, sampler, cfg: TrainConfig, step: int) -> dict:
+    """One optimizer step over ``grad_accum`` micro-batches, then the balancer update."""
+    loads_LE = None
+    sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0}
+    for micro in range(cfg.grad_accum):
+        tokens_BS1, _ = sampler.batch((step - 1) * cfg.grad_accum + micro)
+        with _autocast(cfg):
+            out = model(tokens_BS1[:, :-1], tokens_BS1[:, 1:])
+        (out.loss / cfg.grad_accum).backward()
+        for key in sums:
+            sums[key] += getattr(out, key).item() / cfg.grad_accum
+        loads = torch.stack(out.layer_loads)
+        loads_LE = loads if loads_LE is None else loads_LE + loads
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    update_balancers(model)  # after the step: the bias only ever sees past loads
+
+    vio_L = max_vio(loads_LE)
+    record = {"step": step, **sums, "lr": lr, "grad_norm": float(grad_norm),
+              "maxvio_batch": float(vio_L.mean()), "maxvio_batch_layers": vio_L.tolist(),
+              "cv": float(coefficient_of_variation(loads_LE).mean()),
+              "dead_experts": int(dead_experts(loads_LE).sum())}
+    biases = _loss_free_biases(model)
+    if biases is not None:
+        record["bias"] = biases
+        record["bias_min"] = min(min(b) for b in biases)
+        record["bias_max"] = max(max(b) for b in biases)
+    return record
+
+
+def _save_weights(model: torch.nn.Module, path: Path) -> None:
+    """Final weights and buffers (the Loss-Free bias included) as safetensors."""
+    from safetensors.torch import save_model
+
+    atomic_write(path, lambda tmp: save_model(model, str(tmp)))
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        return {"type": type(obj).__name__, **{f.name: _jsonable(getattr(obj, f.name))
+                                               for f in dataclasses.fields(obj)}}
+    if isinstance(obj, (tuple, list)):
+        return [_jsonable(o) for o in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj
+
+
+def machine_info() -> dict:
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def compare(methods: list[str], seeds: list[int], base: TrainConfig, out_dir: str | Path, *,
+            resume: bool = False, progress: bool = True, command: str | None = None) -> list[dict]:
+    """Train every (method, seed) on the same data and init; write results and the report."""
+    for m in methods:
+        get_method(m)
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    corpus = prepare_corpus(base.data, vocab_size=base.vocab_size, cache_dir=Path(base.cache_dir),
+                            max_train_tokens=base.max_train_tokens, progress=progress)
+    results, runs = [], {}
+    for method in methods:
+        for seed in seeds:
+            cfg = dataclasses.replace(base, method=method, seed=seed)
+            run_dir = out_dir / f"{method}_s{seed}"
+            ev = train(cfg, run_dir, resume=resume, corpus=corpus, progress=progress)
+            results.append(summarize_run(run_dir, method=method, seed=seed, wall_seconds=ev["wall_seconds"],
+                                         train_tokens=ev["train_tokens"]))
+            runs.setdefault(method, []).append(run_dir)
+    meta = {"command": command, "machine": machine_info(), "config": dataclasses.asdict(base),
+            "methods": {m: get_method(m).description for m in methods}, "seeds": seeds,
+            "corpus": {"spec": base.data or "stdlib", "vocab_size": corpus.vocab_size,
+                       "train_tokens": int(len(corpus.train.tokens)), "val_tokens": int(len(corpus.val.tokens)),
+                       "domains": corpus.domains},
+            "wall_seconds_total": time.perf_counter() - started}
+    write_report(out_dir, results, runs, meta=meta)
+    if progress:
+        print(format_table(results))
+    return results

@@ -1,0 +1,156 @@
+"""Training harness: schedule, exact resume, metrics schema, CLI, a tiny end-to-end compare."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from moe_balance.checkpoint import list_checkpoints, load_checkpoint
+from moe_balance.cli import main
+from moe_balance.data import prepare_corpus
+from moe_balance.train import TrainConfig, compare, lr_factor, train, train_config
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+         "sigma tau upsilon phi chi psi omega").split()
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    """A small two-domain corpus: pseudo-code and pseudo-prose files."""
+    root = tmp_path_factory.mktemp("corpus")
+    gen = torch.Generator().manual_seed(0)
+    for i in range(24):
+        words = [WORDS[j] for j in torch.randint(0, len(WORDS), (600,), generator=gen).tolist()]
+        (root / f"prose_{i}.txt").write_text(" ".join(words) + ".\n")
+        (root / f"code_{i}.py").write_text("\n".join(f"def {w}_{k}(x):\n    return x + {k}"
+                                                     for k, w in enumerate(words[:150])))
+    return root
+
+
+@pytest.fixture(scope="module")
+def base(corpus_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return train_config("tiny", data=str(corpus_dir), vocab_size=300, cache_dir=str(cache), steps=12,
+                        checkpoint_every=4, eval_tokens=2048, max_train_tokens=None)
+
+
+@pytest.fixture(scope="module")
+def corpus(base):
+    return prepare_corpus(base.data, vocab_size=base.vocab_size, cache_dir=base.cache_dir, progress=False)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_lr_schedule_warmup_then_cosine_to_ten_percent():
+    cfg = TrainConfig(steps=110, warmup_steps=10)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.55)  # halfway through the cosine
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+
+
+def test_train_config_errors():
+    with pytest.raises(ValueError, match=r"TrainConfig.steps=0 must be an integer >= 1"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match=r"TrainConfig.dtype='float16' is not allowed"):
+        TrainConfig(dtype="float16")
+    with pytest.raises(ValueError, match=r"unknown method 'lossfree'"):
+        TrainConfig(method="lossfree")
+    with pytest.raises(ValueError, match=r"unknown preset 'huge'"):
+        train_config("huge")
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_a_crash_between_checkpoints_continues_exactly(base, corpus, tmp_path):
+    full = tmp_path / "full"
+    train(base, full, corpus=corpus, progress=False)
+
+    crashed = tmp_path / "crashed"
+
+    def crash_at_10(step, record):
+        if step == 10:  # checkpoints exist for steps 4 and 8; step 9-10 progress is lost
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(base, crashed, corpus=corpus, progress=False, on_step=crash_at_10)
+    assert [s for s, _ in list_checkpoints(crashed)] == [4, 8]
+    (crashed / ".ckpt-00000012.pt.1.dead.tmp").write_bytes(b"half a checkpoint")  # ignored
+    train(base, crashed, corpus=corpus, progress=False, resume=True)
+
+    a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(crashed / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 13))  # steps 9-10 rewritten, not duplicated
+    for ra, rb in zip(a, b):
+        for key in ("loss", "lm_loss", "aux_loss", "lr", "maxvio_batch", "bias"):
+            assert ra[key] == rb[key], (ra["step"], key)
+    ea, eb = json.loads((full / "eval.json").read_text()), json.loads((crashed / "eval.json").read_text())
+    assert ea["val_loss"] == eb["val_loss"] and ea["expert_load"] == eb["expert_load"]
+    sa = load_checkpoint(full / "ckpt-00000012.pt")["model"]
+    sb = load_checkpoint(crashed / "ckpt-00000012.pt")["model"]
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_metrics_schema_and_eval_contents(base, corpus, tmp_path):
+    cfg = base.__class__(**{**base.__dict__, "method": "aux_loss", "steps": 4, "checkpoint_every": 0})
+    result = train(cfg, tmp_path, corpus=corpus, progress=False)
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert r["loss"] == pytest.approx(r["lm_loss"] + r["aux_loss"])
+        assert r["aux_loss"] > 0 and "bias" not in r  # aux-loss method: a loss, no bias
+        assert len(r["maxvio_batch_layers"]) == 1 and r["maxvio_batch"] >= 0
+        for key in ("lr", "tokens_per_second", "cv", "dead_experts", "grad_norm"):
+            assert key in r
+    assert result["val_ppl"] == pytest.approx(math.exp(result["val_loss"]))
+    load = torch.tensor(result["expert_load"])
+    assert load.shape == (1, 8) and load.sum() == result["val_tokens"] * 2  # top-2
+    assert set(result["domain_load"]) == set(corpus.domains) == {"py", "txt"}
+    assert sum(torch.tensor(v).sum() for v in result["domain_load"].values()) == load.sum()
+    assert [p.name for p in sorted(tmp_path.glob("ckpt-*.pt"))] == ["ckpt-00000004.pt"]
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert (tmp_path / "model.safetensors").stat().st_size > 0
+
+
+def test_cli_train_writes_metrics(base, corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--steps", "5", "--out", str(out), "--data", str(corpus_dir),
+                 "--vocab-size", "300", "--cache-dir", base.cache_dir, "--eval-tokens", "1024"]) == 0
+    records = read_jsonl(out / "metrics.jsonl")
+    assert len(records) == 5
+    assert {"step", "loss", "lm_loss", "aux_loss", "maxvio_batch"} <= set(records[0])
+    assert json.loads((out / "config.json").read_text())["train"]["steps"] == 5
+
+
+def test_cli_rejects_bad_values(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--out", "x", "--steps", "ten"])
+    assert "invalid int value: 'ten'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--out", "x", "--method", "nope"])
+    assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_tiny_compare_end_to_end(base, tmp_path):
+    cfg = base.__class__(**{**base.__dict__, "steps": 30, "lr": 3e-3, "checkpoint_every": 0})
+    results = compare(["aux_loss", "loss_free"], [0], cfg, tmp_path, progress=False)
+    assert [r["method"] for r in results] == ["aux_loss", "loss_free"]
+    for r in results:
+        for key in ("seed", "val_loss", "val_ppl", "maxvio_global", "maxvio_batch", "train_tokens",
+                    "wall_seconds", "tokens_per_second"):
+            assert key in r
+        losses = [x["lm_loss"] for x in read_jsonl(tmp_path / f"{r['method']}_s0" / "metrics.jsonl")]
+        assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # it learns
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    report = (tmp_path / "report.md").read_text()
+    assert "loss_free" in report and "9.56" in report
+    assert len(list((tmp_path / "plots").glob("*.png"))) >= 4
+    # same seed, same data and init: the first step's LM loss is identical across methods
+    first = [read_jsonl(tmp_path / f"{m}_s0" / "metrics.jsonl")[0]["lm_loss"] for m in ("aux_loss", "loss_free")]
+    assert first[0] == first[1]
