@@ -8,33 +8,14 @@ set of checkpoints or the new one, never a truncated file that looks complete.
 
 from __future__ import annotations
 
-import os
 import re
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from ._files import atomic_write
+
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp)`` on a fresh temporary path beside ``path``, then rename it into place.
-
-    os.replace is atomic on POSIX within one file system: readers see the old file or the
-    new one. The temporary file is removed if ``write`` raises.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def checkpoint_path(out_dir: str | Path, step: int) -> Path:

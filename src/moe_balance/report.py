@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ._files import atomic_write
 
 # The paper's Table 1 (Wang et al., 2024, arXiv 2408.15664), for reference only.
 PAPER_RESULTS: list[dict] = [
@@ -161,25 +161,9 @@ def _paper_table() -> str:
     return _markdown_table(["model", "method", "val PPL", "MaxVio_global"], rows)
 
 
-def _atomic_write(path: Path, write) -> Path:
-    """Call write(tmp_path) on a temp file beside `path`, then os.replace it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be shared
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _write_text(path: Path, text: str) -> Path:
     """Atomically write a UTF-8 text file."""
-    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _figure(nrows: int, ncols: int, panel: tuple[float, float]):
@@ -194,7 +178,7 @@ def _figure(nrows: int, ncols: int, panel: tuple[float, float]):
 
 def _save(fig, path) -> Path:
     """Atomically save a figure as PNG."""
-    return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 def _grouped_axes(group_sizes: list[int], panel: tuple[float, float], max_cols: int = 4):
