@@ -88,7 +88,7 @@ def aux_loss(coeff: float = 1e-3, scope: str = "micro_batch", name: str | None =
     return Method(
         name=name or f"aux_loss_{_tag(coeff)}",
         description=f"Auxiliary loss alpha={coeff:g} over the {scope.replace('_', ' ')}, sigmoid "
-                    "gate (the Loss-Free paper's baseline with alpha=1e-3)"
+                    "gate" + (" (the Loss-Free paper's baseline)" if (coeff, scope) == (1e-3, "micro_batch") else "")
                     + ("; alpha=0 routes exactly like no_balance" if coeff == 0 else "") + ".",
         balancers=(AuxLoss(coeff=coeff, scope=scope),))
 
