@@ -123,3 +123,15 @@ def test_unpermute_accumulates_in_float32():
     y_fp32 = unpermute(permute(x, decision).bfloat16().float(), decision, 10)
     assert y_bf16.dtype == torch.bfloat16
     assert torch.equal(y_bf16, y_fp32.bfloat16())  # one rounding at the end, not one per add
+
+
+def test_bench_reports_every_path_relative_to_the_loop():
+    from moe_balance.bench import bench_experts, format_bench
+
+    results = bench_experts(d_model=16, num_experts=4, top_k=2, expert_hidden_size=8, tokens=64, repeats=1)
+    assert [r.impl for r in results] == ["loop"] + FAST_IMPLS
+    assert results[0].speedup_vs_loop == 1.0
+    for r in results:
+        assert r.ms_per_call > 0
+        assert r.speedup_vs_loop == pytest.approx(results[0].ms_per_call / r.ms_per_call)
+    assert "| loop |" in format_bench(results)

@@ -1,4 +1,4 @@
-"""Command-line interface: ``moe-balance {demo,train,compare,sweep,methods,params}``.
+"""Command-line interface: ``moe-balance {demo,train,compare,sweep,bench,methods,params}``.
 
 Every ``TrainConfig`` field is a typed flag (``--steps 500``, ``--lr 2e-3``, ``--data mixed``)
 that overrides the chosen ``--preset``; unknown or mistyped values fail with the field's name.
@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated seeds (default: 0)")
         _add_config_flags(p, skip=("method", "seed"))
 
+    p = sub.add_parser("bench", help="time the expert paths (loop, bmm, grouped_mm) in one run")
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--num-experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=5)
+
     sub.add_parser("methods", help="list the registered balancing methods")
     p = sub.add_parser("params", help="parameter counts of a model preset (built on the meta device)")
     p.add_argument("--preset", default="paper-1b", choices=sorted(TRAIN_PRESETS))
@@ -88,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "methods":
             for m in list_methods():
                 print(f"{m.name:<20} {m.description}")
+        elif args.command == "bench":
+            from .bench import bench_experts, format_bench
+
+            print(format_bench(bench_experts(tokens=args.tokens, num_experts=args.num_experts,
+                                             top_k=args.top_k, repeats=args.repeats)))
         elif args.command == "params":
             _print_params(args.preset)
         elif args.command == "train":
