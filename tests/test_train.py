@@ -154,3 +154,39 @@ def test_tiny_compare_end_to_end(base, tmp_path):
     # same seed, same data and init: the first step's LM loss is identical across methods
     first = [read_jsonl(tmp_path / f"{m}_s0" / "metrics.jsonl")[0]["lm_loss"] for m in ("aux_loss", "loss_free")]
     assert first[0] == first[1]
+
+
+def test_resume_after_sigkill_of_the_cli(base, corpus, tmp_path):
+    """A real kill -9 between checkpoints, then `--resume`: the same losses as one clean run."""
+    import dataclasses
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    steps, every = 30, 5
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "moe_balance.cli", "train", "--preset", "tiny", "--out", str(out),
+           "--data", base.data, "--vocab-size", str(base.vocab_size), "--cache-dir", base.cache_dir,
+           "--eval-tokens", str(base.eval_tokens), "--steps", str(steps), "--checkpoint-every", str(every)]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 120
+    metrics = out / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2 * every - 2:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    done = len(metrics.read_text().splitlines())
+    assert every < done < steps
+    subprocess.run(cmd + ["--resume"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+    reference = tmp_path / "clean"
+    train(dataclasses.replace(base, steps=steps, checkpoint_every=every), reference, corpus=corpus, progress=False)
+    a, b = read_jsonl(reference / "metrics.jsonl"), read_jsonl(metrics)
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["bias"] for r in a] == [r["bias"] for r in b]
