@@ -33,13 +33,14 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         parse = _PARSERS[str(f.type)]
         if "None" in str(f.type):
             parse = _nullable(parse)
-        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=parse, default=None,
-                           metavar=str(f.type).split(" ")[0].upper(), help=f"default: {f.default!r}")
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=parse, default=argparse.SUPPRESS,
+                           metavar=str(f.type).split(" ")[0].upper(), help=f"overrides the preset (TrainConfig default: {f.default!r})")
 
 
 def _config_from_args(args, skip: tuple[str, ...] = ()) -> TrainConfig:
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if f.name not in skip and f.name != "preset" and getattr(args, f.name) is not None}
+    given = vars(args)  # flags left out are absent (SUPPRESS), so "none" can override a preset
+    overrides = {f.name: given[f.name] for f in dataclasses.fields(TrainConfig)
+                 if f.name not in skip and f.name != "preset" and f.name in given}
     return train_config(args.preset, **overrides)
 
 
