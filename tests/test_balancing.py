@@ -119,6 +119,16 @@ def test_left_padding_with_mask_changes_no_loss_and_no_count():
     assert torch.all(masked.y[:, :3] == 0)  # no routed output and no shared experts here
 
 
+def test_sequence_scope_on_flat_and_single_token_inputs():
+    layer = make_layer(AuxLoss(coeff=1.0, scope="sequence"), AuxLoss(coeff=1.0))
+    x = torch.randn(10, 16)
+    out = layer(x)  # (T, D): one sequence, so the sequence loss equals the micro-batch loss
+    assert out.losses["aux_loss/sequence"].item() == pytest.approx(out.losses["aux_loss/micro_batch"].item())
+    single = layer(x[0])  # (D,): one token
+    assert single.y.shape == (16,)
+    assert single.losses["aux_loss/sequence"].item() == pytest.approx(single.losses["aux_loss/micro_batch"].item())
+
+
 def test_no_balancer_gives_exactly_zero_aux_loss():
     out = make_layer()(torch.randn(4, 16))
     assert out.aux_loss.item() == 0.0 and out.aux_loss.dim() == 0 and out.losses == {}

@@ -156,6 +156,17 @@ def test_logits_are_float32_for_bfloat16_models():
     assert out.decision.tokens_per_expert.dtype == torch.int64
 
 
+def test_logits_stay_float32_under_autocast():
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(d_model=16, num_experts=8, top_k=2, expert_hidden_size=8))
+    x = torch.randn(32, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.decision.logits.dtype == torch.float32
+    torch.testing.assert_close(out.decision.logits, x @ layer.router.weight.detach().T, rtol=0, atol=1e-6)
+    assert torch.equal(out.decision.selected, layer(x).decision.selected)
+
+
 def test_non_finite_logits_raise_unless_disabled():
     router = identity_router(4, 2)
     bad = LOGITS.clone()

@@ -203,7 +203,7 @@ class AuxLossBalancer(Balancer):
             value = switch_loss_from_counts(
                 normalized_probs(decision.scores), decision.routed_tokens_per_expert, mask_T)
         elif scope == "sequence":
-            S = batch_shape[-1] if len(batch_shape) > 1 else batch_shape[0]
+            S = batch_shape[-1] if batch_shape else 1  # (..., S) sequences; 1-D input: one sequence
             E, K = decision.num_experts, decision.selected.shape[-1]
             value = sequence_aux_loss(
                 decision.scores.view(-1, S, E), decision.selected.view(-1, S, K),

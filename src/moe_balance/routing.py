@@ -155,7 +155,9 @@ class TopKRouter(nn.Module):
     ) -> RoutingDecision:
         cfg = self.config
         # NOTE: logits in float32 whatever the model dtype: bf16 logits flip near-ties in top-K.
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        # Autocast would run this matmul in bf16 even on float32 inputs, so it is switched off.
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
         if cfg.check_finite and not torch.isfinite(logits_TE).all():
             raise FloatingPointError(
                 "router logits contain NaN or inf (check the input activations and the router "
