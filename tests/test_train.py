@@ -190,3 +190,34 @@ def test_resume_after_sigkill_of_the_cli(base, corpus, tmp_path):
     assert [r["step"] for r in b] == list(range(1, steps + 1))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert [r["bias"] for r in a] == [r["bias"] for r in b]
+
+
+def test_grad_accumulation_averages_exactly_the_indexed_micro_batches(base, corpus, tmp_path):
+    import dataclasses
+
+    from moe_balance.data import BatchSampler
+    from moe_balance.train import build_model
+
+    cfg = dataclasses.replace(base, steps=1, grad_accum=2, batch_size=4, checkpoint_every=0)
+    train(cfg, tmp_path, corpus=corpus, progress=False)
+    record = read_jsonl(tmp_path / "metrics.jsonl")[0]
+    model = build_model(cfg, corpus.vocab_size)  # same seed: the run's initial weights
+    sampler = BatchSampler(corpus.train, seq_len=cfg.seq_len, batch_size=4, seed=cfg.seed)
+    with torch.no_grad():
+        outs = [model(t[:, :-1], t[:, 1:]) for t, _ in (sampler.batch(0), sampler.batch(1))]
+    assert record["lm_loss"] == pytest.approx(sum(o.lm_loss.item() for o in outs) / 2, rel=1e-5)
+    loads = outs[0].layer_loads[0] + outs[1].layer_loads[0]
+    from moe_balance.metrics import max_vio
+    assert record["maxvio_batch"] == pytest.approx(max_vio(loads).item())  # the whole step's load
+
+
+def test_periodic_evaluation_is_logged(base, corpus, tmp_path):
+    import dataclasses
+
+    cfg = dataclasses.replace(base, steps=4, eval_every=2, checkpoint_every=0)
+    final = train(cfg, tmp_path, corpus=corpus, progress=False)
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert "val_loss" in records[1] and "val_loss" not in records[0]
+    assert "val_loss" not in records[3]  # the last step's evaluation is eval.json
+    assert records[1]["val_ppl"] == pytest.approx(math.exp(records[1]["val_loss"]))
+    assert final["val_loss"] != records[1]["val_loss"]
