@@ -195,7 +195,7 @@ def test_resume_after_sigkill_of_the_cli(base, corpus, tmp_path):
 def test_grad_accumulation_averages_exactly_the_indexed_micro_batches(base, corpus, tmp_path):
     import dataclasses
 
-    from moe_balance.data import BatchSampler
+    from moe_balance.sampling import BatchSampler
     from moe_balance.train import build_model
 
     cfg = dataclasses.replace(base, steps=1, grad_accum=2, batch_size=4, checkpoint_every=0)

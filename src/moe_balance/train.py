@@ -27,11 +27,12 @@ import torch
 
 from .balancing import update_balancers
 from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import BatchSampler, TokenizedCorpus, eval_windows, prepare_corpus
+from .data import TokenizedCorpus, prepare_corpus
 from .methods import get_method
 from .metrics import LoadAccumulator, coefficient_of_variation, dead_experts, max_vio
 from .model import MoETransformer, model_preset
 from .report import format_table, summarize_run, write_report
+from .sampling import BatchSampler, eval_windows
 
 DTYPES = ("float32", "bfloat16")
 
