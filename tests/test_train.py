@@ -221,3 +221,17 @@ def test_periodic_evaluation_is_logged(base, corpus, tmp_path):
     assert "val_loss" not in records[3]  # the last step's evaluation is eval.json
     assert records[1]["val_ppl"] == pytest.approx(math.exp(records[1]["val_loss"]))
     assert final["val_loss"] != records[1]["val_loss"]
+
+
+def test_resume_refuses_a_different_configuration(base, corpus, tmp_path):
+    import dataclasses
+
+    cfg = dataclasses.replace(base, steps=2, checkpoint_every=0)
+    train(cfg, tmp_path, corpus=corpus, progress=False)
+    with pytest.raises(ValueError, match=r"different configuration \(lr: 0.001 -> 0.002\)"):
+        train(dataclasses.replace(cfg, lr=2e-3), tmp_path, corpus=corpus, progress=False, resume=True)
+    # a finished run resumed with the same configuration only re-evaluates: same result
+    first = json.loads((tmp_path / "eval.json").read_text())
+    again = train(dataclasses.replace(cfg, checkpoint_every=5), tmp_path, corpus=corpus, progress=False, resume=True)
+    assert again["val_loss"] == first["val_loss"]
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 2

@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}  "
                   f"maxvio_global {result['maxvio_global']:.3f}  ({result['wall_seconds']:.0f} s) -> {args.out}")
         elif args.command == "demo":
-            compare(list(DEFAULT_METHODS), [0], train_config("quick"), args.out, command=command_line)
+            # resume: a finished demo is only re-evaluated, so a second `make demo` is quick
+            compare(list(DEFAULT_METHODS), [0], train_config("quick"), args.out, resume=True,
+                    command=command_line)
             print(f"report: {Path(args.out) / 'report.md'}")
         else:
             skip = ("method", "seed")

@@ -207,6 +207,24 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     atomic_write(path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept)))
 
 
+# Fields that change no result: a resumed run may set them differently.
+_RESUME_FREE_FIELDS = {"checkpoint_every", "log_every", "cache_dir", "eval_every"}
+
+
+def _check_same_config(out_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume a run directory that was trained with a different configuration."""
+    path = out_dir / "config.json"
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())["train"]
+    new = dataclasses.asdict(cfg)
+    changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
+               if k not in _RESUME_FREE_FIELDS and old.get(k) != v]
+    if changed:
+        raise ValueError(f"cannot resume {out_dir}: it was trained with a different configuration "
+                         f"({'; '.join(changed)}); use another --out or remove the directory")
+
+
 def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False,
           corpus: TokenizedCorpus | None = None, progress: bool = True,
           on_step: Callable[[int, dict], None] | None = None) -> dict:
@@ -229,6 +247,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False,
     start_step, wall_before = 0, 0.0
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
+        _check_same_config(out_dir, cfg)
         state = load_checkpoint(checkpoint)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
