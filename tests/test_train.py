@@ -65,7 +65,7 @@ def test_train_config_errors():
 
 
 class Crash(RuntimeError):
-    pass
+    """A simulated crash in the middle of training."""
 
 
 def test_resume_after_a_crash_between_checkpoints_continues_exactly(base, corpus, tmp_path):

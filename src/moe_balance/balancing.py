@@ -120,10 +120,10 @@ class Balancer(nn.Module):
         return None
 
     def observe(self, counts_E: torch.Tensor) -> None:
-        pass
+        """Default: this strategy does not need the routed counts."""
 
     def update(self) -> None:
-        pass
+        """Default: this strategy has no per-step state."""
 
 
 class LossFreeBalancer(Balancer):
