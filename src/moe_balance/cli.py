@@ -12,8 +12,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from .methods import SWEEPS, get_method, list_methods
-from .train import TRAIN_PRESETS, TrainConfig, compare, train, train_config
+from .methods import SWEEPS, list_methods
+from .train import TRAIN_PRESETS, TrainConfig, build_model, compare, train, train_config
 
 DEFAULT_METHODS = ("aux_loss", "loss_free")
 _PARSERS = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
@@ -114,8 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             skip = ("method", "seed")
             methods = args.methods if args.command == "compare" else _sweep_methods(args.which)
-            for m in methods:
-                get_method(m)
             compare(methods, args.seeds, _config_from_args(args, skip), args.out, resume=args.resume,
                     command=command_line)
             print(f"report: {Path(args.out) / 'report.md'}")
@@ -135,12 +133,9 @@ def _sweep_methods(which: str) -> list[str]:
 def _print_params(preset: str) -> None:
     import torch
 
-    from .model import MoETransformer, model_preset
-
     cfg = train_config(preset)
-    with torch.device("meta"):
-        model = MoETransformer(model_preset(cfg.preset, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
-                                            balancers=get_method(cfg.method).balancers))
+    with torch.device("meta"):  # shapes only: no memory, no compute
+        model = build_model(cfg, cfg.vocab_size)
     for key, value in model.param_counts().items():
         print(f"{key:<24} {value:>15,}")
 

@@ -176,11 +176,11 @@ class TopKRouter(nn.Module):
         if cfg.capacity_factor is not None:
             num_valid = x_TD.shape[0] if token_mask_T is None else int(token_mask_T.sum())
             capacity_per_expert = capacity(num_valid, self.num_experts, self.top_k, cfg.capacity_factor)
-        priority_TK = weights_TK.detach() if cfg.drop_policy == "probs" else None
+        by_probs = capacity_per_expert is not None and cfg.drop_policy == "probs"
         token_ids, expert_ids, weights, kept, routed = sort_assignments(
             selected_TK, weights_TK, self.num_experts, token_mask_T=token_mask_T,
             capacity_per_expert=capacity_per_expert,
-            priority_TK=priority_TK if capacity_per_expert is not None else None)
+            priority_TK=weights_TK.detach() if by_probs else None)
         if token_mask_T is not None:
             selected_TK = selected_TK.masked_fill(~token_mask_T.unsqueeze(-1), -1)
         return RoutingDecision(

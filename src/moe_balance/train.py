@@ -255,9 +255,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False,
         torch.set_rng_state(state["torch_rng"])
         start_step, wall_before = state["step"], state.get("wall_seconds", 0.0)
     metrics_path = out_dir / "metrics.jsonl"
-    if checkpoint is None:
-        metrics_path.unlink(missing_ok=True)
-    _truncate_metrics(metrics_path, start_step)
+    _truncate_metrics(metrics_path, start_step)  # a fresh start (step 0) keeps no line
     atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(
         {"train": dataclasses.asdict(cfg), "model": _jsonable(model.config),
          "params": model.param_counts(), "vocab_size": corpus.vocab_size}, indent=2)))
