@@ -81,6 +81,9 @@ def test_summarize_run_values(tmp_path):
     assert row["val_ppl"] == 12.5
     assert row["val_loss"] == pytest.approx(math.log(12.5))
     assert row["maxvio_global"] == 0.07
+    # MaxVio_batch 0.1, 0.2 (< 0.5) then 0.4 at step 4 (step 3 unlogged): never 20 in a row
+    assert row["steps_to_balance"] is None and row["steps"] == 10
+    assert row["maxvio_batch_late_std"] == pytest.approx(0.05)  # std of the last 2 of 9: 0.9, 1.0
     assert row["run_dir"] == "loss_free_s0"
     assert (row["method"], row["seed"], row["train_tokens"], row["wall_seconds"]) == ("loss_free", 0, 1000, 4.0)
 
@@ -95,10 +98,27 @@ def test_summarize_run_without_eval(tmp_path):
 
 def _rows():
     return [
-        {"method": "aux_loss", "seed": 0, "val_ppl": 10.0, "maxvio_global": 0.6, "maxvio_batch": 1.0, "val_loss": 2.0},
-        {"method": "loss_free", "seed": 0, "val_ppl": 9.0, "maxvio_global": 0.05, "maxvio_batch": 0.2, "val_loss": 1.9},
-        {"method": "aux_loss", "seed": 1, "val_ppl": 12.0, "maxvio_global": 0.8, "maxvio_batch": 2.0, "val_loss": 2.2},
+        {"method": "aux_loss", "seed": 0, "val_ppl": 10.0, "maxvio_global": 0.6, "maxvio_batch": 1.0, "val_loss": 2.0,
+         "steps_to_balance": None},
+        {"method": "loss_free", "seed": 0, "val_ppl": 9.0, "maxvio_global": 0.05, "maxvio_batch": 0.2, "val_loss": 1.9,
+         "maxvio_static_floor": 0.01, "maxvio_train_windows": 0.04, "steps_to_balance": 40,
+         "maxvio_batch_late_std": 0.05},
+        {"method": "aux_loss", "seed": 1, "val_ppl": 12.0, "maxvio_global": 0.8, "maxvio_batch": 2.0, "val_loss": 2.2,
+         "steps_to_balance": 90},
     ]
+
+
+def test_steps_to_balance_and_late_oscillation():
+    steps = list(range(1, 41))
+    # below 0.5 from step 5 on, except for one spike at step 12: the hold restarts at 13
+    maxvio = [1.0] * 4 + [0.3] * 7 + [0.9] + [0.2] * 28
+    assert report.steps_to_balance(steps, maxvio) == 13
+    assert report.steps_to_balance(steps, maxvio, hold=7) == 5
+    assert report.steps_to_balance(steps, [0.6] * 40) is None
+    assert report.steps_to_balance(steps[:10], [0.1] * 10) is None  # fewer steps than the hold
+    # std over the last quarter (10 of 40 values)
+    values = [5.0] * 30 + [0.1, 0.3] * 5
+    assert report.late_oscillation(values) == pytest.approx(0.1)
 
 
 def test_aggregate_two_seeds_and_one_seed():
@@ -126,10 +146,11 @@ def test_empty_results_raise(tmp_path):
 def test_format_table():
     table = report.format_table(_rows())
     lines = table.splitlines()
-    assert lines[0].startswith("| method | val PPL | MaxVio_global | MaxVio_batch | seeds |")
+    assert lines[0] == ("| method | val PPL | MaxVio_global | static floor | MaxVio_train | MaxVio_batch | "
+                        "steps to balance | late std | seeds |")
     assert len(lines) == 2 + 2  # header, separator, one row per method
-    assert "| aux_loss | 11.00 ± 1.41 | 0.700 ± 0.141 | 1.500 ± 0.707 | 2 |" in lines
-    assert "| loss_free | 9.00 | 0.050 | 0.200 | 1 |" in lines
+    assert "| aux_loss | 11.00 ± 1.41 | 0.700 ± 0.141 | — | — | 1.500 ± 0.707 | 90; never in 1/2 | — | 2 |" in lines
+    assert "| loss_free | 9.00 | 0.050 | 0.010 | 0.040 | 0.200 | 40 | 0.050 | 1 |" in lines
 
 
 def test_plots_return_none_without_data(tmp_path):

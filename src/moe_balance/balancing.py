@@ -2,11 +2,14 @@
 
 Shape legend: T tokens, E experts, K top_k, B sequences, S sequence length.
 
-Each balancer is a small ``nn.Module`` with four hooks that the MoE layer calls:
+Each balancer is a small ``nn.Module`` with five hooks that the MoE layer calls:
     selection_bias() -> (E,) float32 or None   added to the scores for top-K selection only
+                        (multiplied with them when ``multiplicative`` is True)
     loss(decision, batch_shape) -> 0-dim or None   added to the layer's ``aux_loss``
-    observe(counts_E)   routed tokens per expert of one real training forward (called from
-                        the backward pass, so checkpoint recomputation never counts twice)
+    routing_stats(decision, router) -> tensor or None   extra statistics of a training forward
+                        (the adaptive controller's margin histograms), handed to ``observe``
+    observe(counts_E, stats)   routed tokens per expert of one real training forward (called
+                        from the backward pass, so checkpoint recomputation never counts twice)
     update()            once per optimizer step (``update_balancers``)
 
 The loss formulas are pure functions with their paper's equation in the docstring.
@@ -20,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import controller
 from .config import AuxLoss, BalancerSpec, LossFree, ZLoss
 from .routing import RoutingDecision
 
@@ -112,6 +116,7 @@ class Balancer(nn.Module):
     """Base class: every hook is a no-op; strategies override the ones they use."""
 
     observes_counts = False
+    multiplicative = False
 
     def selection_bias(self) -> torch.Tensor | None:
         return None
@@ -119,7 +124,11 @@ class Balancer(nn.Module):
     def loss(self, decision: RoutingDecision, batch_shape: torch.Size) -> torch.Tensor | None:
         return None
 
-    def observe(self, counts_E: torch.Tensor) -> None:
+    def routing_stats(self, decision: RoutingDecision, router: nn.Module) -> torch.Tensor | None:
+        """Default: no statistics beyond the routed counts."""
+        return None
+
+    def observe(self, counts_E: torch.Tensor, stats: torch.Tensor | None = None) -> None:
         """Default: this strategy does not need the routed counts."""
 
     def update(self) -> None:
@@ -130,8 +139,10 @@ class LossFreeBalancer(Balancer):
     """Auxiliary-Loss-Free Balancing (Wang et al. 2024, arXiv 2408.15664, Algorithm 1).
 
     Buffers (all in the state dict): ``expert_bias`` (E,) float32, kept float32 through
-    ``module.to(dtype)``; ``pending_counts`` (E,) int64, tokens routed to each expert by the
-    real training forwards since the last update; ``num_updates`` () int64.
+    ``module.to(dtype)`` (0 at start, 1 for the multiplicative form); ``pending_counts`` (E,)
+    int64, tokens routed to each expert by the real training forwards since the last update;
+    ``num_updates`` () int64; for the adaptive rule, ``pending_margins`` (2, E, B) int64, the
+    flip-margin histograms of the same forwards (``moe_balance.controller``).
     """
 
     observes_counts = True
@@ -139,46 +150,91 @@ class LossFreeBalancer(Balancer):
     def __init__(self, spec: LossFree, num_experts: int):
         super().__init__()
         self.spec = spec
-        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        self.multiplicative = spec.form == "multiplicative"
+        start = torch.ones if self.multiplicative else torch.zeros
+        self.register_buffer("expert_bias", start(num_experts, dtype=torch.float32))
         self.register_buffer("pending_counts", torch.zeros(num_experts, dtype=torch.int64))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
+        if spec.rule == "adaptive":
+            self.register_buffer("margin_edges", controller.margin_edges(spec.max_step), persistent=False)
+            self.register_buffer("pending_margins", torch.zeros(
+                2, num_experts, controller.NUM_BINS, dtype=torch.int64))
+            self.register_buffer("bias_velocity", torch.zeros(num_experts, dtype=torch.float64))
 
     def _apply(self, fn, recurse=True):
         # NOTE: model.to(torch.bfloat16) would cast the bias: a bf16 bias cannot represent
-        # 1e-3 steps around values near 1 (a bug users report in other frameworks). Keep the
-        # float32 values, following the device change only.
-        bias = self.expert_bias
+        # 1e-3 steps around values near 1 (a bug users report in other frameworks). Every
+        # buffer here is controller state: keep its dtype and value, follow the device only.
+        kept = dict(self.named_buffers(recurse=False))
         super()._apply(fn, recurse)
-        if self.expert_bias.dtype != torch.float32:
-            self.expert_bias = bias.to(device=self.expert_bias.device)
+        for name, value in kept.items():
+            current = getattr(self, name)
+            if current.dtype != value.dtype:
+                setattr(self, name, value.to(device=current.device))
         return self
 
     def selection_bias(self) -> torch.Tensor:
         return self.expert_bias
 
-    def observe(self, counts_E: torch.Tensor) -> None:
+    @torch.no_grad()
+    def routing_stats(self, decision: RoutingDecision, router: nn.Module) -> torch.Tensor | None:
+        """(2, E, B) flip-margin histograms of this forward (adaptive rule only)."""
+        if self.spec.rule != "adaptive":
+            return None
+        scores_TE = decision.scores.detach()
+        selection_TE = router.selection(scores_TE, self.expert_bias, self.multiplicative)
+        T, E = scores_TE.shape
+        valid_T = decision.selected[:, 0] >= 0  # padding rows were marked -1
+        selected_TE = torch.zeros(T, E, dtype=torch.bool, device=scores_TE.device)
+        selected_TE.scatter_(1, decision.selected.clamp_min(0), True)
+        margins_TE = controller.flip_margins(selection_TE, selected_TE, decision.selected.shape[-1],
+                                             scores_TE if self.multiplicative else None)
+        margins_TE = margins_TE.masked_fill(~valid_T.unsqueeze(-1), float("inf"))
+        return controller.margin_histograms(margins_TE, selected_TE, self.margin_edges)
+
+    def observe(self, counts_E: torch.Tensor, stats: torch.Tensor | None = None) -> None:
         self.pending_counts += counts_E.to(self.pending_counts.device)
+        if stats is not None:
+            self.pending_margins += stats.to(self.pending_margins.device)
 
     @torch.no_grad()
     def update(self) -> None:
-        """b_i += u * sign(mean(c) - c_i) over the whole step's counts, then reset the counts.
+        """One bias update from the whole step's counts (see ``LossFree``), then reset them.
 
-        Counts are summed over data-parallel ranks first, so every rank applies the same
-        update. No counts (e.g. a step without a training forward) means no update.
+        Counts (and margin histograms) are summed over data-parallel ranks first, so every rank
+        applies the same update. No counts (e.g. a step without a training forward) means no
+        update.
         """
-        counts_E = _all_reduce_sum(self.pending_counts.clone())
-        self.pending_counts.zero_()
+        adaptive = self.spec.rule == "adaptive"
+        E = self.pending_counts.numel()
+        pending = [self.pending_counts] + ([self.pending_margins.view(-1)] if adaptive else [])
+        flat = _all_reduce_sum(torch.cat(pending))
+        for buffer in pending:
+            buffer.zero_()
+        counts_E = flat[:E]
         if int(counts_E.sum()) == 0:
             return
         spec = self.spec
         frozen = spec.freeze_after_steps is not None and int(self.num_updates) >= spec.freeze_after_steps
         if not frozen:
             load_E = counts_E.double()
-            error_E = load_E.mean() - load_E
-            delta_E = error_E.sign() if spec.rule == "sign" else error_E / load_E.mean()
-            self.expert_bias += (spec.update_rate * delta_E).float()
+            if adaptive:
+                hist = flat[E:].view_as(self.pending_margins)
+                delta_E = controller.newton_step(counts_E, hist, self.margin_edges, spec.gain, spec.max_step)
+                delta_E = delta_E - delta_E.mean()  # only relative biases matter: no common mode
+                if spec.trend:
+                    delta_E = controller.track_trend(delta_E, self.bias_velocity, spec.trend, spec.max_step)
+            else:
+                error_E = load_E.mean() - load_E
+                delta_E = spec.update_rate * (error_E.sign() if spec.rule == "sign" else error_E / load_E.mean())
+            self.expert_bias += delta_E.float()
+            if self.multiplicative:
+                self.expert_bias.clamp_(min=1e-3)
             if spec.center:
-                self.expert_bias -= self.expert_bias.mean()
+                if self.multiplicative:
+                    self.expert_bias /= self.expert_bias.mean()
+                else:
+                    self.expert_bias -= self.expert_bias.mean()
         self.num_updates += 1
 
 
@@ -214,7 +270,7 @@ class AuxLossBalancer(Balancer):
             value = switch_loss_from_counts(normalized_probs(decision.scores), global_E, mask_T)
         return self.spec.coeff * value
 
-    def observe(self, counts_E: torch.Tensor) -> None:
+    def observe(self, counts_E: torch.Tensor, stats: torch.Tensor | None = None) -> None:
         self.accumulated_counts += counts_E.to(self.accumulated_counts.device)
 
     def update(self) -> None:

@@ -15,7 +15,8 @@ from typing import Union
 
 SCORE_FNS = ("sigmoid", "softmax")
 DROP_POLICIES = ("probs", "position")
-LOSS_FREE_RULES = ("sign", "error")
+LOSS_FREE_RULES = ("sign", "error", "adaptive")
+LOSS_FREE_FORMS = ("additive", "multiplicative")
 AUX_SCOPES = ("micro_batch", "sequence", "global_batch")
 EXPERT_IMPLS = ("auto", "loop", "bmm", "grouped_mm")
 
@@ -90,21 +91,44 @@ class RouterConfig:
 class LossFree:
     """Auxiliary-Loss-Free Balancing (Wang et al. 2024, arXiv 2408.15664, Algorithm 1).
 
-    After every optimizer step: b_i += u * sign(mean(c) - c_i) ("sign", the paper's rule) or
-    b_i += u * (mean(c) - c_i) / mean(c) ("error", the paper's raw-error ablation normalised
-    by the mean load). ``center`` subtracts the bias mean after each update (only relative
-    biases matter for top-K). ``freeze_after_steps`` stops updating after that many updates
-    (DeepSeek-V3 sets u = 0 for the end of training).
+    After every optimizer step, with c_i the tokens routed to expert i in that step and c̄
+    their mean:
+
+    - ``rule="sign"`` (the paper's): b_i += u * sign(c̄ - c_i), u = ``update_rate``;
+    - ``rule="error"`` (the paper's raw-error ablation, normalised): b_i += u * (c̄ - c_i) / c̄;
+    - ``rule="adaptive"``: a damped Newton step per expert (``moe_balance.controller``):
+      b_i += sign(c̄ - c_i) * min(max_step, Q_i(gain * |c̄ - c_i|)), where Q_i(n) is the bias
+      change that would have moved n of the last step's tokens across expert i's top-K
+      threshold. Large steps far from balance, tiny ones near it; ``update_rate`` is unused.
+
+    ``form="additive"`` selects top-K on s + b (b starts at 0); ``"multiplicative"`` on s * b
+    (the paper's multiplicative-bias ablation: b starts at 1 and is kept >= 1e-3, so a bias
+    never flips the order of scores). ``center`` re-centres after each update (additive:
+    subtract the mean; multiplicative: divide by it), since only relative biases matter.
+    ``freeze_after_steps`` stops updating after that many updates (DeepSeek-V3 sets u = 0 for
+    the end of training).
     """
 
     update_rate: float = 1e-3
     rule: str = "sign"
+    form: str = "additive"
+    gain: float = 0.5
+    max_step: float = 0.05
+    trend: float = 0.0
     center: bool = False
     freeze_after_steps: int | None = None
 
     def __post_init__(self) -> None:
         _non_negative("LossFree", "update_rate", self.update_rate)
         _choice("LossFree", "rule", self.rule, LOSS_FREE_RULES)
+        _choice("LossFree", "form", self.form, LOSS_FREE_FORMS)
+        if not (isinstance(self.gain, (int, float)) and 0 < self.gain <= 1):
+            raise ValueError(f"LossFree.gain={self.gain!r} must be a number in (0, 1]")
+        if not (isinstance(self.max_step, (int, float)) and math.isfinite(self.max_step)
+                and self.max_step > 0):
+            raise ValueError(f"LossFree.max_step={self.max_step!r} must be a finite number > 0")
+        if not (isinstance(self.trend, (int, float)) and 0 <= self.trend < 1):
+            raise ValueError(f"LossFree.trend={self.trend!r} must be a number in [0, 1)")
         if self.freeze_after_steps is not None:
             _positive_int("LossFree", "freeze_after_steps", self.freeze_after_steps, minimum=0)
 

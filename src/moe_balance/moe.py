@@ -44,15 +44,15 @@ class _ObserveOnBackward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y, counts_E, balancers):
-        ctx.counts_E, ctx.balancers = counts_E, balancers
+    def forward(ctx, y, counts_E, balancers, stats):
+        ctx.counts_E, ctx.balancers, ctx.stats = counts_E, balancers, stats
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad_y):
-        for balancer in ctx.balancers:
-            balancer.observe(ctx.counts_E)
-        return grad_y, None, None
+        for balancer, stats in zip(ctx.balancers, ctx.stats):
+            balancer.observe(ctx.counts_E, stats)
+        return grad_y, None, None, None
 
 
 class MoE(nn.Module):
@@ -95,10 +95,10 @@ class MoE(nn.Module):
                                  f"{tuple(batch_shape)}; got {tuple(mask.shape)}")
             mask_T = mask.reshape(-1).to(device=x.device, dtype=torch.bool)
 
-        biases = [b.selection_bias() for b in self.balancers]
-        biases = [b for b in biases if b is not None]
-        bias_E = biases[0] if biases else None
-        decision = self.router(x_TD, bias_E, mask_T)
+        biased = [b for b in self.balancers if b.selection_bias() is not None]
+        bias_E = biased[0].selection_bias() if biased else None
+        multiplicative = bool(biased) and biased[0].multiplicative
+        decision = self.router(x_TD, bias_E, mask_T, multiplicative)
 
         y_AD = self.experts(permute(x_TD, decision), decision.tokens_per_expert)
         y_TD = unpermute(y_AD, decision, x_TD.shape[0])
@@ -115,7 +115,8 @@ class MoE(nn.Module):
         observers = [b for b in self.balancers if b.observes_counts]
         if observers and self.training and y_TD.requires_grad:
             counts_E = decision.routed_tokens_per_expert.detach()
-            y_TD = _ObserveOnBackward.apply(y_TD, counts_E, observers)
+            stats = [b.routing_stats(decision, self.router) for b in observers]
+            y_TD = _ObserveOnBackward.apply(y_TD, counts_E, observers, stats)
         return MoEOutput(y=y_TD.view(x.shape), aux_loss=aux_loss, decision=decision, losses=losses)
 
 

@@ -23,7 +23,28 @@ PAPER_RESULTS: list[dict] = [
     {"model": "3B, 200B tokens", "method": "loss_free (u=1e-3)", "val_ppl": 7.92, "maxvio_global": 0.04},
 ]
 
-_AGG_KEYS = ("val_ppl", "maxvio_global", "maxvio_batch", "val_loss")
+_AGG_KEYS = ("val_ppl", "maxvio_global", "maxvio_static_floor", "maxvio_train_windows", "maxvio_batch", "maxvio_batch_late_std",
+             "val_loss")
+
+BALANCE_THRESHOLD, BALANCE_HOLD = 0.5, 20
+
+
+def steps_to_balance(steps, maxvio, threshold: float = BALANCE_THRESHOLD, hold: int = BALANCE_HOLD) -> int | None:
+    """The first step from which MaxVio_batch stays below ``threshold`` for ``hold`` logged
+    steps in a row, or None if that never happens."""
+    run = 0
+    for i, value in enumerate(maxvio):
+        run = run + 1 if value < threshold else 0
+        if run == hold:
+            return int(steps[i - hold + 1])
+    return None
+
+
+def late_oscillation(maxvio) -> float | None:
+    """Std of MaxVio_batch over the last 25% of the logged steps (late-training jitter)."""
+    tail = np.asarray(maxvio, dtype=float)[-max(1, len(maxvio) // 4):] if len(maxvio) else []
+    return float(np.std(tail)) if len(tail) else None
+
 
 def _metrics_path(run_dir) -> Path:
     """RUN/metrics.jsonl, or FileNotFoundError naming the run directory."""
@@ -69,7 +90,7 @@ def summarize_run(run_dir, *, method: str, seed: int, wall_seconds: float, train
         raise ValueError(f"wall_seconds must be positive, got {wall_seconds}")
     records = read_metrics(run_dir)
     ev = _read_eval(run_dir)
-    _, maxvio = _series(records, "maxvio_batch")
+    steps, maxvio = _series(records, "maxvio_batch")
     # The last ceil(n/2) logged values: skips the early transient where every method is unbalanced.
     second_half = maxvio[len(maxvio) // 2:]
     losses = [r["loss"] for r in records if r.get("loss") is not None]
@@ -82,7 +103,12 @@ def summarize_run(run_dir, *, method: str, seed: int, wall_seconds: float, train
         "val_loss": ev.get("val_loss"),
         "val_ppl": val_ppl,
         "maxvio_global": ev.get("maxvio_global"),
+        "maxvio_static_floor": ev.get("maxvio_static_floor"),
+        "maxvio_train_windows": ev.get("maxvio_train_windows"),
         "maxvio_batch": float(second_half.mean()) if len(second_half) else None,
+        "maxvio_batch_late_std": late_oscillation(maxvio),
+        "steps_to_balance": steps_to_balance(steps, maxvio),
+        "steps": int(steps[-1]) if len(steps) else 0,
         "train_tokens": train_tokens,
         "wall_seconds": wall_seconds,
         "tokens_per_second": train_tokens / wall_seconds,
@@ -106,6 +132,8 @@ def aggregate(results: list[dict]) -> list[dict]:
     out = []
     for method, rows in by_method.items():
         agg = {"method": method, "n_seeds": len(rows)}
+        balanced = [r.get("steps_to_balance") for r in rows]
+        agg["steps_to_balance"] = balanced
         for key in _AGG_KEYS:
             vals = np.array([r[key] for r in rows if r.get(key) is not None], dtype=float)
             agg[f"{key}_mean"] = float(vals.mean()) if len(vals) else None
@@ -133,24 +161,47 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _fmt_balance_steps(values: list) -> str:
+    """Mean ± std of the steps to balance, or how many seeds never balanced."""
+    reached = np.array([v for v in values if v is not None], dtype=float)
+    never = len(values) - len(reached)
+    if never:
+        return f"never ({never}/{len(values)} seeds)" if not len(reached) else \
+            f"{reached.mean():.0f}; never in {never}/{len(values)}"
+    if len(reached) > 1:
+        return f"{reached.mean():.0f} ± {reached.std(ddof=1):.0f}"
+    return f"{reached[0]:.0f}"
+
+
+TABLE_HEADER = ["method", "val PPL", "MaxVio_global", "static floor", "MaxVio_train", "MaxVio_batch",
+                "steps to balance", "late std", "seeds"]
+
+
 def format_table(results: list[dict]) -> str:
     """Markdown table of aggregate(results), one row per method."""
     rows = [
         [a["method"], _fmt_stat(a, "val_ppl", 2), _fmt_stat(a, "maxvio_global", 3),
-         _fmt_stat(a, "maxvio_batch", 3), str(a["n_seeds"])]
+         _fmt_stat(a, "maxvio_static_floor", 3), _fmt_stat(a, "maxvio_train_windows", 3),
+         _fmt_stat(a, "maxvio_batch", 3),
+         _fmt_balance_steps(a["steps_to_balance"]), _fmt_stat(a, "maxvio_batch_late_std", 3),
+         str(a["n_seeds"])]
         for a in aggregate(results)
     ]
-    return _markdown_table(["method", "val PPL", "MaxVio_global", "MaxVio_batch", "seeds"], rows)
+    return _markdown_table(TABLE_HEADER, rows)
 
 
 def _per_run_table(results: list[dict]) -> str:
     """Markdown table with one row per run (seed)."""
     rows = [
         [str(r["method"]), str(r["seed"]), _fmt(r.get("val_ppl"), 2), _fmt(r.get("maxvio_global"), 3),
-         _fmt(r.get("maxvio_batch"), 3), _fmt(r.get("tokens_per_second"), 0), _fmt(r.get("wall_seconds"), 0)]
+         _fmt(r.get("maxvio_static_floor"), 3), _fmt(r.get("maxvio_train_windows"), 3),
+         _fmt(r.get("maxvio_batch"), 3),
+         _fmt_balance_steps([r.get("steps_to_balance")]), _fmt(r.get("maxvio_batch_late_std"), 3),
+         _fmt(r.get("tokens_per_second"), 0), _fmt(r.get("wall_seconds"), 0)]
         for r in results
     ]
-    header = ["method", "seed", "val PPL", "MaxVio_global", "MaxVio_batch", "tokens/s", "wall s"]
+    header = ["method", "seed", "val PPL", "MaxVio_global", "static floor", "MaxVio_train", "MaxVio_batch",
+              "steps to balance", "late std", "tokens/s", "wall s"]
     return _markdown_table(header, rows)
 
 

@@ -147,12 +147,28 @@ class TopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.normal_(self.weight, std=0.02)
 
+    def selection(self, scores_TE: torch.Tensor, bias_E: torch.Tensor | None = None,
+                  multiplicative: bool = False) -> torch.Tensor:
+        """(T, E) scores that top-K is taken on: scores + bias (or scores * bias with
+        ``multiplicative``), with experts outside the best groups at -inf (group-limited)."""
+        cfg = self.config
+        if bias_E is None:
+            selection_TE = scores_TE
+        else:
+            selection_TE = scores_TE * bias_E if multiplicative else scores_TE + bias_E
+        if cfg.num_groups is not None:
+            selection_TE = group_limited_mask(selection_TE, cfg.num_groups, cfg.topk_groups)
+        return selection_TE
+
     def forward(
         self,
         x_TD: torch.Tensor,
         bias_E: torch.Tensor | None = None,
         token_mask_T: torch.Tensor | None = None,
+        multiplicative: bool = False,
     ) -> RoutingDecision:
+        """Route (T, D) tokens. bias_E: selection-only bias, added to the scores (or multiplied
+        with them, ``multiplicative``, the paper's multiplicative-bias ablation)."""
         cfg = self.config
         # NOTE: logits in float32 whatever the model dtype: bf16 logits flip near-ties in top-K.
         # Autocast would run this matmul in bf16 even on float32 inputs, so it is switched off.
@@ -163,9 +179,7 @@ class TopKRouter(nn.Module):
                 "router logits contain NaN or inf (check the input activations and the router "
                 "weight); pass RouterConfig(check_finite=False) to skip this check")
         scores_TE = compute_scores(logits_TE, cfg.score_fn)
-        selection_TE = scores_TE if bias_E is None else scores_TE + bias_E
-        if cfg.num_groups is not None:
-            selection_TE = group_limited_mask(selection_TE, cfg.num_groups, cfg.topk_groups)
+        selection_TE = self.selection(scores_TE, bias_E, multiplicative)
         selected_TK = selection_TE.topk(self.top_k, dim=-1).indices
         weights_TK = scores_TE.gather(1, selected_TK)
         if cfg.normalize_weights:

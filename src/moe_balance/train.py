@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from .balancing import update_balancers
+from .balancing import LossFreeBalancer, update_balancers
 from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
+from .controller import solve_static_bias
 from .data import TokenizedCorpus, prepare_corpus
 from .methods import get_method
 from .metrics import LoadAccumulator, coefficient_of_variation, dead_experts, max_vio
@@ -165,6 +166,9 @@ def evaluate(model: MoETransformer, corpus: TokenizedCorpus, cfg: TrainConfig) -
     total = LoadAccumulator(layers, experts)
     per_domain = {d: LoadAccumulator(layers, experts) for d in corpus.domains}
     loss_sum, token_count = 0.0, 0
+    scores = [[] for _ in model.moe_layers]  # each layer's (T, E) validation scores
+    hooks = [layer.register_forward_hook(lambda mod, args, out, i=i: scores[i].append(out.decision.scores.cpu()))
+             for i, layer in enumerate(model.moe_layers)]
     for tokens_BS1, domain_B in eval_windows(corpus.val, seq_len=cfg.seq_len, max_tokens=cfg.eval_tokens,
                                              batch_size=cfg.eval_batch_size):
         for d in domain_B.unique().tolist():
@@ -176,16 +180,50 @@ def evaluate(model: MoETransformer, corpus: TokenizedCorpus, cfg: TrainConfig) -
             token_count += n
             total.add(out.layer_loads)
             per_domain[corpus.domains[d]].add(out.layer_loads)
+    for hook in hooks:
+        hook.remove()
+    # The same budget of fixed windows from the training files: balance in distribution.
+    # NOTE: fixed positions, not excluded from training; a 300-step quick run samples about
+    # 20% of the training tokens, so most of these windows were never trained on.
+    train_windows = LoadAccumulator(layers, experts)
+    for tokens_BS1, _ in eval_windows(corpus.train, seq_len=cfg.seq_len, max_tokens=cfg.eval_tokens,
+                                      batch_size=cfg.eval_batch_size):
+        with _autocast(cfg):
+            train_windows.add(model(tokens_BS1[:, :-1]).layer_loads)
     model.train(was_training)
     val_loss = loss_sum / max(1, token_count)
+    floor_L = static_bias_floor(model, [torch.cat(s) for s in scores])
     result = {
         "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": token_count,
         "maxvio_global": total.maxvio(), "maxvio_global_layers": total.maxvio_per_layer(),
+        "maxvio_static_floor": sum(floor_L) / len(floor_L), "maxvio_static_floor_layers": floor_L,
+        "maxvio_train_windows": train_windows.maxvio(),
         "expert_load": total.counts.tolist(),
     }
     if len(corpus.domains) > 1:
         result["domain_load"] = {d: acc.counts.tolist() for d, acc in per_domain.items()}
     return result
+
+
+def static_bias_floor(model: MoETransformer, scores_per_layer: list[torch.Tensor]) -> list[float]:
+    """Per MoE layer, the MaxVio over these scores of the best single bias vector for the final
+    router: what a perfect static bias could reach (``controller.solve_static_bias``, warm
+    started from the layer's own bias, so it is never above that bias's MaxVio).
+
+    The gap between MaxVio_global and this floor is controller error; the floor itself is what
+    the validation data asks for beyond any bias (distribution shift from the training data).
+    NOTE: each layer is solved on its inputs under the current biases of the layers below it,
+    i.e. one layer at a time, not jointly.
+    """
+    floors = []
+    for layer, scores_TE in zip(model.moe_layers, scores_per_layer):
+        balancer = next((b for b in layer.balancers if isinstance(b, LossFreeBalancer)), None)
+        multiplicative = balancer is not None and balancer.multiplicative
+        bias_E = None if balancer is None else balancer.expert_bias
+        _, floor = solve_static_bias(scores_TE, layer.config.top_k, multiplicative=multiplicative,
+                                     initial_bias_E=bias_E)
+        floors.append(floor)
+    return floors
 
 
 def _training_state(model, optimizer, scheduler, step: int) -> dict:
