@@ -28,7 +28,12 @@ def test_params_of_the_paper_1b_preset(capsys):
 def test_sweep_runs_the_papers_ablations():
     assert _sweep_methods("update_rate") == ["loss_free_u1e-4", "loss_free_u1e-3", "loss_free_u1e-2"]
     assert _sweep_methods("aux_coeff") == ["aux_loss_1e-2", "aux_loss_1e-3", "aux_loss_1e-4", "aux_loss_0"]
-    assert len(_sweep_methods("all")) == 7
+    assert _sweep_methods("controller") == ["aux_loss_1e-3", "loss_free_u1e-4", "loss_free_u1e-3",
+                                            "loss_free_u1e-2", "loss_free_error", "loss_free_adaptive"]
+    assert _sweep_methods("form") == ["loss_free_u1e-3", "loss_free_mult", "loss_free_adaptive",
+                                      "loss_free_adaptive_mult"]
+    everything = _sweep_methods("all")
+    assert len(everything) == len(set(everything)) == 11  # each method once across the sweeps
 
 
 def test_flags_are_typed_against_the_config_fields():

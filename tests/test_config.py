@@ -27,7 +27,14 @@ def test_router_config_errors(kwargs, match):
 
 @pytest.mark.parametrize("make, match", [
     (lambda: LossFree(update_rate=-1e-3), r"LossFree.update_rate=-0.001 must be a finite number >= 0"),
-    (lambda: LossFree(rule="momentum"), r"LossFree.rule='momentum'.*sign.*error"),
+    (lambda: LossFree(rule="momentum"), r"LossFree.rule='momentum'.*sign.*error.*adaptive"),
+    (lambda: LossFree(form="log"), r"LossFree.form='log'.*additive.*multiplicative"),
+    (lambda: LossFree(max_step=0.0), r"LossFree.max_step=0.0 must be a finite number > 0"),
+    (lambda: LossFree(max_step=float("inf")), r"LossFree.max_step=inf must be a finite number > 0"),
+    (lambda: LossFree(min_gain=0.0), r"LossFree.min_gain=0.0 must be a number in \(0, 1\]"),
+    (lambda: LossFree(max_gain=1.5), r"LossFree.max_gain=1.5 must be a number in \(0, 1\]"),
+    (lambda: LossFree(min_gain=0.5, max_gain=0.2), r"min_gain=0.5 must be <= max_gain=0.2"),
+    (lambda: LossFree(smoothing=1.0), r"LossFree.smoothing=1.0 must be a number in \[0, 1\)"),
     (lambda: LossFree(freeze_after_steps=-1), r"freeze_after_steps=-1 must be an integer >= 0"),
     (lambda: AuxLoss(coeff=-1.0), r"AuxLoss.coeff=-1.0 must be a finite number >= 0"),
     (lambda: AuxLoss(coeff=1e-3, scope="token"), r"AuxLoss.scope='token'.*micro_batch.*sequence.*global_batch"),

@@ -79,6 +79,18 @@ def test_sweeps_hold_the_papers_values():
     assert [m.name for m in SWEEPS["update_rate"]] == ["loss_free_u1e-4", "loss_free_u1e-3", "loss_free_u1e-2"]
 
 
+def test_controller_and_form_recipes():
+    assert get_method("loss_free_adaptive").balancers == (LossFree(rule="adaptive"),)
+    assert get_method("loss_free_mult").balancers == (LossFree(update_rate=1e-3, form="multiplicative"),)
+    assert get_method("loss_free_adaptive_mult").balancers == (LossFree(rule="adaptive", form="multiplicative"),)
+    assert get_method("loss_free").balancers == (LossFree(update_rate=1e-3, rule="sign"),)  # the paper's, unchanged
+    rules = [(m.balancers[0].rule, getattr(m.balancers[0], "update_rate", None))
+             for m in SWEEPS["controller"][1:]]
+    assert rules == [("sign", 1e-4), ("sign", 1e-3), ("sign", 1e-2), ("error", 1e-3), ("adaptive", 1e-3)]
+    assert SWEEPS["controller"][0].balancers == (AuxLoss(coeff=1e-3),)
+    assert [m.balancers[0].form for m in SWEEPS["form"]] == ["additive", "multiplicative"] * 2
+
+
 def test_get_method_unknown_name_lists_known_names():
     with pytest.raises(ValueError, match=r"unknown method 'nope'; known methods: .*deepseek_v3.*loss_free"):
         get_method("nope")

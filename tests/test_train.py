@@ -37,7 +37,8 @@ def base(corpus_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus(base):
-    return prepare_corpus(base.data, vocab_size=base.vocab_size, cache_dir=base.cache_dir, progress=False)
+    return prepare_corpus(base.data, vocab_size=base.vocab_size, cache_dir=base.cache_dir,
+                          val_fraction=base.val_fraction, progress=False)
 
 
 def read_jsonl(path):
@@ -113,6 +114,14 @@ def test_metrics_schema_and_eval_contents(base, corpus, tmp_path):
     assert load.shape == (1, 8) and load.sum() == result["val_tokens"] * 2  # top-2
     assert set(result["domain_load"]) == set(corpus.domains) == {"py", "txt"}
     assert sum(torch.tensor(v).sum() for v in result["domain_load"].values()) == load.sum()
+    # the static-bias floor: warm-started from the router's own routing, never above it, and
+    # here (a collapsed 4-step router on 2K tokens) far below it
+    for floor, vio in zip(result["maxvio_static_floor_layers"], result["maxvio_global_layers"]):
+        assert floor <= vio + 1e-12
+    assert result["maxvio_static_floor"] < 0.5 * result["maxvio_global"]
+    # train windows: the same kind of measurement on other data (the training files)
+    assert 0 <= result["maxvio_train_windows"] <= 8 / 2 - 1
+    assert result["maxvio_train_windows"] != result["maxvio_global"]
     assert [p.name for p in sorted(tmp_path.glob("ckpt-*.pt"))] == ["ckpt-00000004.pt"]
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert (tmp_path / "model.safetensors").stat().st_size > 0
@@ -139,12 +148,14 @@ def test_cli_rejects_bad_values(capsys):
 
 def test_tiny_compare_end_to_end(base, tmp_path):
     cfg = base.__class__(**{**base.__dict__, "steps": 30, "lr": 3e-3, "checkpoint_every": 0})
-    results = compare(["aux_loss", "loss_free"], [0], cfg, tmp_path, progress=False)
-    assert [r["method"] for r in results] == ["aux_loss", "loss_free"]
+    results = compare(["aux_loss", "loss_free", "loss_free_adaptive"], [0], cfg, tmp_path, progress=False)
+    assert [r["method"] for r in results] == ["aux_loss", "loss_free", "loss_free_adaptive"]
     for r in results:
         for key in ("seed", "val_loss", "val_ppl", "maxvio_global", "maxvio_batch", "train_tokens",
-                    "wall_seconds", "tokens_per_second"):
+                    "wall_seconds", "tokens_per_second", "maxvio_static_floor", "maxvio_train_windows",
+                    "steps_to_balance", "maxvio_batch_late_std"):
             assert key in r
+        assert r["maxvio_static_floor"] <= r["maxvio_global"]
         losses = [x["lm_loss"] for x in read_jsonl(tmp_path / f"{r['method']}_s0" / "metrics.jsonl")]
         assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # it learns
     assert json.loads((tmp_path / "results.json").read_text()) == results

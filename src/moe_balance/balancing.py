@@ -159,7 +159,8 @@ class LossFreeBalancer(Balancer):
             self.register_buffer("margin_edges", controller.margin_edges(spec.max_step), persistent=False)
             self.register_buffer("pending_margins", torch.zeros(
                 2, num_experts, controller.NUM_BINS, dtype=torch.int64))
-            self.register_buffer("bias_velocity", torch.zeros(num_experts, dtype=torch.float64))
+            self.register_buffer("innovation_mean", torch.zeros(num_experts, dtype=torch.float64))
+            self.register_buffer("innovation_square", torch.zeros(num_experts, dtype=torch.float64))
 
     def _apply(self, fn, recurse=True):
         # NOTE: model.to(torch.bfloat16) would cast the bias: a bf16 bias cannot represent
@@ -220,10 +221,12 @@ class LossFreeBalancer(Balancer):
             load_E = counts_E.double()
             if adaptive:
                 hist = flat[E:].view_as(self.pending_margins)
-                delta_E = controller.newton_step(counts_E, hist, self.margin_edges, spec.gain, spec.max_step)
+                innovation_E = controller.newton_step(counts_E, hist, self.margin_edges, 1.0, spec.max_step)
+                gain_E = controller.adaptive_gain(
+                    innovation_E, self.innovation_mean, self.innovation_square, int(self.num_updates) + 1,
+                    smoothing=spec.smoothing, min_gain=spec.min_gain, max_gain=spec.max_gain)
+                delta_E = gain_E * innovation_E
                 delta_E = delta_E - delta_E.mean()  # only relative biases matter: no common mode
-                if spec.trend:
-                    delta_E = controller.track_trend(delta_E, self.bias_velocity, spec.trend, spec.max_step)
             else:
                 error_E = load_E.mean() - load_E
                 delta_E = spec.update_rate * (error_E.sign() if spec.rule == "sign" else error_E / load_E.mean())

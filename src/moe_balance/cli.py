@@ -15,7 +15,9 @@ from pathlib import Path
 from .methods import SWEEPS, list_methods
 from .train import TRAIN_PRESETS, TrainConfig, build_model, compare, train, train_config
 
-DEFAULT_METHODS = ("aux_loss", "loss_free")
+DEFAULT_METHODS = ("aux_loss", "loss_free", "loss_free_adaptive")
+# The demo fits `make demo` in 10 minutes on 2 cores: the baseline and the adaptive controller.
+DEMO_METHODS = ("aux_loss", "loss_free_adaptive")
 _PARSERS = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
 
 
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-balance", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="compare aux loss and Loss-Free on the quick preset (make demo)")
+    p = sub.add_parser("demo", help="aux loss vs adaptive Loss-Free on the quick preset (make demo)")
     p.add_argument("--out", default="runs/demo")
 
     p = sub.add_parser("train", help="train one model")
@@ -61,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
 
     for name, helptext in (("compare", "train several methods x seeds and write a report"),
-                           ("sweep", "the paper's ablations: update rate u and aux coefficient alpha")):
+                           ("sweep", "the paper's ablations (u, alpha, additive vs multiplicative) and "
+                                     "the bias controllers")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--out", required=True, help="output directory")
         p.add_argument("--resume", action="store_true", help="resume every run from its checkpoints")
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"maxvio_global {result['maxvio_global']:.3f}  ({result['wall_seconds']:.0f} s) -> {args.out}")
         elif args.command == "demo":
             # resume: a finished demo is only re-evaluated, so a second `make demo` is quick
-            compare(list(DEFAULT_METHODS), [0], train_config("quick"), args.out, resume=True,
+            compare(list(DEMO_METHODS), [0], train_config("quick"), args.out, resume=True,
                     command=command_line)
             print(f"report: {Path(args.out) / 'report.md'}")
         else:

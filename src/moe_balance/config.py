@@ -112,9 +112,10 @@ class LossFree:
     update_rate: float = 1e-3
     rule: str = "sign"
     form: str = "additive"
-    gain: float = 0.5
     max_step: float = 0.05
-    trend: float = 0.0
+    min_gain: float = 0.05
+    max_gain: float = 1.0
+    smoothing: float = 0.9
     center: bool = False
     freeze_after_steps: int | None = None
 
@@ -122,13 +123,17 @@ class LossFree:
         _non_negative("LossFree", "update_rate", self.update_rate)
         _choice("LossFree", "rule", self.rule, LOSS_FREE_RULES)
         _choice("LossFree", "form", self.form, LOSS_FREE_FORMS)
-        if not (isinstance(self.gain, (int, float)) and 0 < self.gain <= 1):
-            raise ValueError(f"LossFree.gain={self.gain!r} must be a number in (0, 1]")
+        for name in ("min_gain", "max_gain"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value <= 1):
+                raise ValueError(f"LossFree.{name}={value!r} must be a number in (0, 1]")
+        if self.min_gain > self.max_gain:
+            raise ValueError(f"LossFree.min_gain={self.min_gain!r} must be <= max_gain={self.max_gain!r}")
+        if not (isinstance(self.smoothing, (int, float)) and 0 <= self.smoothing < 1):
+            raise ValueError(f"LossFree.smoothing={self.smoothing!r} must be a number in [0, 1)")
         if not (isinstance(self.max_step, (int, float)) and math.isfinite(self.max_step)
                 and self.max_step > 0):
             raise ValueError(f"LossFree.max_step={self.max_step!r} must be a finite number > 0")
-        if not (isinstance(self.trend, (int, float)) and 0 <= self.trend < 1):
-            raise ValueError(f"LossFree.trend={self.trend!r} must be a number in [0, 1)")
         if self.freeze_after_steps is not None:
             _positive_int("LossFree", "freeze_after_steps", self.freeze_after_steps, minimum=0)
 

@@ -93,14 +93,29 @@ def aux_loss(coeff: float = 1e-3, scope: str = "micro_batch", name: str | None =
         balancers=(AuxLoss(coeff=coeff, scope=scope),))
 
 
-def loss_free(update_rate: float = 1e-3, rule: str = "sign", name: str | None = None) -> Method:
+def loss_free(update_rate: float = 1e-3, rule: str = "sign", name: str | None = None,
+              form: str = "additive") -> Method:
     """Auxiliary-Loss-Free Balancing (Algorithm 1), sigmoid gate."""
     formula = "u*sign(mean(c)-c_i)" if rule == "sign" else "u*(mean(c)-c_i)/mean(c)"
+    selection = "top-K on score * b, b from 1" if form == "multiplicative" else "top-K on score + b"
     return Method(
         name=name or f"loss_free_u{_tag(update_rate)}",
         description=f"Loss-Free Balancing, u={update_rate:g}: after each step b_i += {formula}; "
+                    f"{selection}; sigmoid gate.",
+        balancers=(LossFree(update_rate=update_rate, rule=rule, form=form),))
+
+
+def loss_free_adaptive(name: str = "loss_free_adaptive", form: str = "additive") -> Method:
+    """Loss-Free Balancing with the adaptive controller (``moe_balance.controller``)."""
+    spec = LossFree(rule="adaptive", form=form)
+    return Method(
+        name=name,
+        description="Loss-Free Balancing, adaptive controller: each bias moves by a gain times the "
+                    "step that would have balanced its expert in the last step (read off the tokens "
+                    "nearest its top-K threshold), the gain high while those steps keep their sign "
+                    f"and low while they are noise; top-K on score {'* b' if form == 'multiplicative' else '+ b'}; "
                     "sigmoid gate.",
-        balancers=(LossFree(update_rate=update_rate, rule=rule),))
+        balancers=(spec,))
 
 
 def deepseek_v3() -> Method:
@@ -133,6 +148,9 @@ for _method in (
     loss_free(1e-3, name="loss_free"),
     loss_free(1e-2), loss_free(1e-3), loss_free(1e-4),
     loss_free(1e-3, rule="error", name="loss_free_error"),
+    loss_free_adaptive(),
+    loss_free(1e-3, name="loss_free_mult", form="multiplicative"),
+    loss_free_adaptive(name="loss_free_adaptive_mult", form="multiplicative"),
     deepseek_v3(),
     z_loss(),
 ):
@@ -151,4 +169,11 @@ SWEEPS: dict[str, list[Method]] = {
     "update_rate": [get_method(f"loss_free_u{_tag(u)}") for u in (1e-4, 1e-3, 1e-2)],
     # The paper's aux-loss dilemma: more alpha, better balance, worse perplexity.
     "aux_coeff": [get_method(f"aux_loss_{_tag(a)}") for a in (1e-2, 1e-3, 1e-4, 0.0)],
+    # The bias controllers side by side: the paper's sign rule at three u, its raw-error
+    # ablation, and the adaptive controller; the aux-loss baseline for reference.
+    "controller": [get_method(n) for n in ("aux_loss_1e-3", "loss_free_u1e-4", "loss_free_u1e-3", "loss_free_u1e-2",
+                                           "loss_free_error", "loss_free_adaptive")],
+    # The paper's additive vs multiplicative bias, for the sign rule and the adaptive controller.
+    "form": [get_method(n) for n in ("loss_free_u1e-3", "loss_free_mult", "loss_free_adaptive",
+                                     "loss_free_adaptive_mult")],
 }
