@@ -28,12 +28,14 @@ def test_params_of_the_paper_1b_preset(capsys):
 def test_sweep_runs_the_papers_ablations():
     assert _sweep_methods("update_rate") == ["loss_free_u1e-4", "loss_free_u1e-3", "loss_free_u1e-2"]
     assert _sweep_methods("aux_coeff") == ["aux_loss_1e-2", "aux_loss_1e-3", "aux_loss_1e-4", "aux_loss_0"]
-    assert _sweep_methods("controller") == ["aux_loss_1e-3", "loss_free_u1e-4", "loss_free_u1e-3",
+    assert _sweep_methods("controller") == ["aux_loss", "loss_free_u1e-4", "loss_free",
                                             "loss_free_u1e-2", "loss_free_error", "loss_free_adaptive"]
     assert _sweep_methods("form") == ["loss_free_u1e-3", "loss_free_mult", "loss_free_adaptive",
                                       "loss_free_adaptive_mult"]
     everything = _sweep_methods("all")
-    assert len(everything) == len(set(everything)) == 11  # each method once across the sweeps
+    # each recipe once: aux_loss == aux_loss_1e-3 and loss_free == loss_free_u1e-3
+    assert len(everything) == len(set(everything)) == 11
+    assert "aux_loss" not in everything and "loss_free_u1e-3" not in everything  # first name kept
 
 
 def test_flags_are_typed_against_the_config_fields():

@@ -88,6 +88,7 @@ def test_controller_and_form_recipes():
              for m in SWEEPS["controller"][1:]]
     assert rules == [("sign", 1e-4), ("sign", 1e-3), ("sign", 1e-2), ("error", 1e-3), ("adaptive", 1e-3)]
     assert SWEEPS["controller"][0].balancers == (AuxLoss(coeff=1e-3),)
+    assert [m.name for m in SWEEPS["controller"]][::2] == ["aux_loss", "loss_free", "loss_free_error"]
     assert [m.balancers[0].form for m in SWEEPS["form"]] == ["additive", "multiplicative"] * 2
 
 

@@ -126,10 +126,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _sweep_methods(which: str) -> list[str]:
+    """The methods of one sweep, or of all of them with each recipe once (``aux_loss`` and
+    ``aux_loss_1e-3`` are the same balancers and router under two names)."""
     groups = sorted(SWEEPS) if which == "all" else [which]
-    names = []
+    names, recipes = [], []
     for g in groups:
-        names += [m.name for m in SWEEPS[g] if m.name not in names]
+        for m in SWEEPS[g]:
+            if (m.balancers, m.router) not in recipes:
+                names.append(m.name)
+                recipes.append((m.balancers, m.router))
     return names
 
 

@@ -171,7 +171,7 @@ SWEEPS: dict[str, list[Method]] = {
     "aux_coeff": [get_method(f"aux_loss_{_tag(a)}") for a in (1e-2, 1e-3, 1e-4, 0.0)],
     # The bias controllers side by side: the paper's sign rule at three u, its raw-error
     # ablation, and the adaptive controller; the aux-loss baseline for reference.
-    "controller": [get_method(n) for n in ("aux_loss_1e-3", "loss_free_u1e-4", "loss_free_u1e-3", "loss_free_u1e-2",
+    "controller": [get_method(n) for n in ("aux_loss", "loss_free_u1e-4", "loss_free", "loss_free_u1e-2",
                                            "loss_free_error", "loss_free_adaptive")],
     # The paper's additive vs multiplicative bias, for the sign rule and the adaptive controller.
     "form": [get_method(n) for n in ("loss_free_u1e-3", "loss_free_mult", "loss_free_adaptive",
