@@ -143,6 +143,23 @@ def test_empty_results_raise(tmp_path):
             call()
 
 
+def test_differences_from_baseline():
+    diffs = {(d["method"], d["metric"]): d for d in report.differences_from_baseline(_rows())}
+    d = diffs[("loss_free", "maxvio_global")]  # loss_free has one seed: no noise estimate
+    assert d["difference"] == pytest.approx(0.05 - 0.7) and d["noise"] is None and d["exceeds"] is None
+    rows = _rows() + [{"method": "loss_free", "seed": 1, "val_ppl": 9.0, "maxvio_global": 0.15,
+                       "maxvio_batch": 0.2, "val_loss": 1.9}]
+    diffs = {(d["method"], d["metric"]): d for d in report.differences_from_baseline(rows)}
+    # aux: 0.6, 0.8 (std 0.1414); loss_free: 0.05, 0.15 (std 0.0707); 2 * sqrt(0.02/2 + 0.005/2)
+    d = diffs[("loss_free", "maxvio_global")]
+    assert d["difference"] == pytest.approx(0.1 - 0.7)
+    assert d["noise"] == pytest.approx(2 * math.sqrt(0.02 / 2 + 0.005 / 2))
+    assert d["exceeds"] is True
+    ppl = diffs[("loss_free", "val_ppl")]  # aux 10, 12 vs 9, 9: -2 against 2 * sqrt(2 / 2) = 2
+    assert ppl["difference"] == pytest.approx(-2.0) and ppl["noise"] == pytest.approx(2.0)
+    assert ppl["exceeds"] is False
+
+
 def test_format_table():
     table = report.format_table(_rows())
     lines = table.splitlines()

@@ -96,10 +96,13 @@ class LossFree:
 
     - ``rule="sign"`` (the paper's): b_i += u * sign(c̄ - c_i), u = ``update_rate``;
     - ``rule="error"`` (the paper's raw-error ablation, normalised): b_i += u * (c̄ - c_i) / c̄;
-    - ``rule="adaptive"``: a damped Newton step per expert (``moe_balance.controller``):
-      b_i += sign(c̄ - c_i) * min(max_step, Q_i(gain * |c̄ - c_i|)), where Q_i(n) is the bias
-      change that would have moved n of the last step's tokens across expert i's top-K
-      threshold. Large steps far from balance, tiny ones near it; ``update_rate`` is unused.
+    - ``rule="adaptive"`` (``moe_balance.controller``): b_i += g_i * y_i (common mode removed)
+      with the innovation y_i = sign(c̄ - c_i) * min(max_step, Q_i(|c̄ - c_i|)), Q_i(n) the
+      bias change that would have moved n of the last step's tokens across expert i's top-K
+      threshold, and the gain g_i = clip(m_i^2 / v_i, min_gain, max_gain) from moving averages
+      (``smoothing``) of y_i and y_i^2: near 1 while the innovations keep their sign (follow a
+      drifting router), near min_gain while they are batch noise (average it). Large steps
+      far from balance, tiny ones near it; ``update_rate`` is not used.
 
     ``form="additive"`` selects top-K on s + b (b starts at 0); ``"multiplicative"`` on s * b
     (the paper's multiplicative-bias ablation: b starts at 1 and is kept >= 1e-3, so a bias

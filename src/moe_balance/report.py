@@ -23,8 +23,8 @@ PAPER_RESULTS: list[dict] = [
     {"model": "3B, 200B tokens", "method": "loss_free (u=1e-3)", "val_ppl": 7.92, "maxvio_global": 0.04},
 ]
 
-_AGG_KEYS = ("val_ppl", "maxvio_global", "maxvio_static_floor", "maxvio_train_windows", "maxvio_batch", "maxvio_batch_late_std",
-             "val_loss")
+_AGG_KEYS = ("val_ppl", "maxvio_global", "maxvio_static_floor", "maxvio_train_windows", "maxvio_batch",
+             "maxvio_batch_late_std", "val_loss")
 
 BALANCE_THRESHOLD, BALANCE_HOLD = 0.5, 20
 
@@ -188,6 +188,43 @@ def format_table(results: list[dict]) -> str:
         for a in aggregate(results)
     ]
     return _markdown_table(TABLE_HEADER, rows)
+
+
+_DIFF_KEYS = (("val_ppl", "val PPL", 2), ("maxvio_global", "MaxVio_global", 3),
+              ("maxvio_batch", "MaxVio_batch", 3))
+
+
+def differences_from_baseline(results: list[dict]) -> list[dict]:
+    """Each method against the first one: difference of the seed means and its noise.
+
+    noise = 2 * sqrt(s_a^2 / n_a + s_b^2 / n_b) (about a 95% interval of the difference, from the
+    sample std over seeds); ``exceeds`` says whether |difference| > noise. None with one seed.
+    """
+    rows = aggregate(results)
+    base, out = rows[0], []
+    for row in rows[1:]:
+        for key, _, _ in _DIFF_KEYS:
+            a, b = base.get(f"{key}_mean"), row.get(f"{key}_mean")
+            if a is None or b is None:
+                continue
+            noise = None
+            if base["n_seeds"] > 1 and row["n_seeds"] > 1:
+                noise = 2 * math.sqrt(base[f"{key}_std"] ** 2 / base["n_seeds"]
+                                      + row[f"{key}_std"] ** 2 / row["n_seeds"])
+            out.append({"method": row["method"], "baseline": base["method"], "metric": key,
+                        "difference": b - a, "noise": noise,
+                        "exceeds": None if noise is None else abs(b - a) > noise})
+    return out
+
+
+def _differences_table(results: list[dict]) -> str:
+    digits = {key: d for key, _, d in _DIFF_KEYS}
+    labels = {key: label for key, label, _ in _DIFF_KEYS}
+    rows = [[d["method"], labels[d["metric"]], f"{d['difference']:+.{digits[d['metric']]}f}",
+             _fmt(d["noise"], digits[d["metric"]]),
+             "—" if d["exceeds"] is None else ("yes" if d["exceeds"] else "no")]
+            for d in differences_from_baseline(results)]
+    return _markdown_table(["method", "metric", "difference", "seed noise (2 SE)", "exceeds noise"], rows)
 
 
 def _per_run_table(results: list[dict]) -> str:
@@ -449,10 +486,18 @@ _EXPLANATION = (
     "Balancing, Wang et al. 2024) adds a per-expert bias to the router scores *only* for top-K "
     "selection (gating weights still use the raw scores) and, after every step, moves each bias by "
     "u toward balance (up for under-loaded experts, down for overloaded ones), so no interfering "
-    "gradient is added. MaxVio = (max_i load_i - mean load) / mean load, averaged over MoE layers "
-    "(0 = perfectly balanced): MaxVio_global is measured over the whole validation set, "
-    "MaxVio_batch on each training batch (the table reports its mean over the second half of "
-    "training). Validation perplexity is exp(validation loss). Lower is better for every column."
+    "gradient is added; `loss_free_adaptive` moves each bias by a gain times the step that would have "
+    "balanced its expert on the last step, the gain high while those steps keep their sign and low "
+    "while they are batch noise. MaxVio = (max_i load_i - mean load) / mean load, averaged over MoE "
+    "layers (0 = perfectly balanced). Columns: **MaxVio_global** over the whole validation set; "
+    "**static floor**, the MaxVio on the validation set of the best single bias vector for the final "
+    "router (what a perfect static bias could reach; MaxVio_global minus this is what the bias "
+    "controller and the train/validation difference leave); **MaxVio_train**, MaxVio_global's "
+    "measurement on windows of the training files (in distribution); **MaxVio_batch**, per training "
+    "step, mean over the second half of training; **steps to balance**, the first step from which "
+    f"MaxVio_batch stays below {BALANCE_THRESHOLD} for {BALANCE_HOLD} steps; **late std**, the std of "
+    "MaxVio_batch over the last 25% of steps (late oscillation). Validation perplexity is "
+    "exp(validation loss). Lower is better for every column."
 )
 
 
@@ -470,6 +515,9 @@ def _report_markdown(results: list[dict], plots: dict[str, Path], meta: dict) ->
         _EXPLANATION,
         "## Our results",
         "Mean ± sample standard deviation over seeds.\n\n" + format_table(results),
+        "### Differences from the first method",
+        "Difference of the seed means; it exceeds the seed noise when larger than twice its "
+        "standard error.\n\n" + _differences_table(results),
         "### Per run",
         _per_run_table(results),
         "## The paper's Table 1 (for reference)",
