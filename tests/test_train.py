@@ -174,7 +174,6 @@ def test_resume_after_sigkill_of_the_cli(base, corpus, tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     steps, every = 30, 5
     out = tmp_path / "killed"
@@ -245,4 +244,63 @@ def test_resume_refuses_a_different_configuration(base, corpus, tmp_path):
     first = json.loads((tmp_path / "eval.json").read_text())
     again = train(dataclasses.replace(cfg, checkpoint_every=5), tmp_path, corpus=corpus, progress=False, resume=True)
     assert again["val_loss"] == first["val_loss"]
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 2
+
+
+# ------------------------------------------------------------------------------ run directories
+
+def _tiny(base, **kw):
+    return base.__class__(**{**base.__dict__, "steps": 2, "checkpoint_every": 0, **kw})
+
+
+def test_a_non_empty_run_directory_is_refused_without_resume_or_overwrite(base, corpus, tmp_path):
+    from moe_balance._files import RunDirectoryError
+
+    train(_tiny(base), tmp_path, corpus=corpus, progress=False)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(RunDirectoryError, match=r"is not empty; pass --resume .* or --overwrite"):
+        train(_tiny(base, lr=5e-3), tmp_path, corpus=corpus, progress=False)
+    assert (tmp_path / "metrics.jsonl").read_text() == before  # nothing touched
+    (tmp_path / "stale.txt").write_text("old run")
+    train(_tiny(base, lr=5e-3), tmp_path, corpus=corpus, progress=False, overwrite=True)
+    assert not (tmp_path / "stale.txt").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["lr"] == 5e-3
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 2
+    with pytest.raises(RunDirectoryError, match="non-empty path"):
+        train(_tiny(base), "", corpus=corpus, progress=False)
+
+
+def test_cli_refuses_an_existing_run_directory_in_one_line(base, corpus_dir, tmp_path, capsys):
+    args = ["train", "--out", str(tmp_path), "--preset", "tiny", "--data", str(corpus_dir),
+            "--vocab-size", "300", "--cache-dir", base.cache_dir, "--steps", "1",
+            "--max-train-tokens", "none", "--eval-tokens", "512"]
+    assert main(args) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not empty; pass --resume" in err and "Traceback" not in err
+
+
+def test_a_locked_run_directory_is_refused_and_a_killed_holder_leaves_no_stale_lock(base, corpus, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from moe_balance._files import RunDirectoryError
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from moe_balance._files import exclusive_lock\n"
+        "with exclusive_lock(Path(sys.argv[1])):\n"
+        "    print('locked', flush=True); time.sleep(60)"), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirectoryError, match=rf"in use by another process \(pid {holder.pid}\)"):
+            train(_tiny(base), tmp_path, corpus=corpus, progress=False)
+        assert not (tmp_path / "metrics.jsonl").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (tmp_path / ".lock").exists()  # the file stays, the lock died with its holder
+    train(_tiny(base), tmp_path, corpus=corpus, progress=False)
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 2

@@ -1,11 +1,20 @@
-"""Atomic file writes, shared by the cache, the checkpoints and the report (imports nothing of ours)."""
+"""Atomic file writes and run-directory locks, shared by the cache, the checkpoints, the report
+and the trainer (imports nothing of ours)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+LOCK_NAME = ".lock"
+
+
+class RunDirectoryError(ValueError):
+    """A run directory that cannot be used as asked: busy, or not empty without resume/overwrite."""
 
 
 def temp_sibling(path: Path) -> Path:
@@ -29,3 +38,28 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def exclusive_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory/.lock`` for the with-block, or raise
+    ``RunDirectoryError`` naming the process that holds it.
+
+    ``flock`` locks belong to the open file: the kernel releases them when the process exits,
+    however it exits, so a run killed with SIGKILL leaves no stale lock behind.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RunDirectoryError(
+                f"{directory} is in use by another process (pid {holder}); wait for it to finish "
+                "or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one model")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace what is in --out (default: refuse)")
     _add_config_flags(p)
 
     for name, helptext in (("compare", "train several methods x seeds and write a report"),
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--out", required=True, help="output directory")
         p.add_argument("--resume", action="store_true", help="resume every run from its checkpoints")
+        p.add_argument("--overwrite", action="store_true", help="replace existing runs (default: refuse)")
         if name == "compare":
             p.add_argument("--methods", type=_csv, default=list(DEFAULT_METHODS),
                            help=f"comma-separated method names (default: {','.join(DEFAULT_METHODS)})")
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "params":
             _print_params(args.preset)
         elif args.command == "train":
-            result = train(_config_from_args(args), args.out, resume=args.resume)
+            result = train(_config_from_args(args), args.out, resume=args.resume, overwrite=args.overwrite)
             print(f"val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}  "
                   f"maxvio_global {result['maxvio_global']:.3f}  ({result['wall_seconds']:.0f} s) -> {args.out}")
         elif args.command == "demo":
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             skip = ("method", "seed")
             methods = args.methods if args.command == "compare" else _sweep_methods(args.which)
             compare(methods, args.seeds, _config_from_args(args, skip), args.out, resume=args.resume,
-                    command=command_line)
+                    overwrite=args.overwrite, command=command_line)
             print(f"report: {Path(args.out) / 'report.md'}")
     except ValueError as err:
         parser.error(str(err))

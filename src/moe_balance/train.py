@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .balancing import LossFreeBalancer, update_balancers
+from ._files import LOCK_NAME, RunDirectoryError, exclusive_lock
 from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
 from .controller import solve_static_bias
 from .data import TokenizedCorpus, prepare_corpus
@@ -273,20 +275,45 @@ def _check_same_config(out_dir: Path, cfg: TrainConfig) -> None:
                          f"({'; '.join(changed)}); use another --out or remove the directory")
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False,
+def _claim_run_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a non-empty run directory unless resuming it or told to overwrite it (called
+    with the directory's lock held, so two processes cannot both find it empty)."""
+    entries = [e for e in out_dir.iterdir() if e.name != LOCK_NAME]
+    if not entries or resume:
+        return
+    if not overwrite:
+        raise RunDirectoryError(
+            f"run directory {out_dir} is not empty; pass --resume to continue the run in it or "
+            "--overwrite to replace it")
+    for entry in entries:
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
           corpus: TokenizedCorpus | None = None, progress: bool = True,
           on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train one model; returns the final evaluation plus wall time and token counts.
 
     resume: continue from the newest complete checkpoint in ``out_dir`` (fresh start if none);
-    the resumed run's later steps equal the uninterrupted run's. on_step(step, record) is
-    called after each optimizer step (used by tests to simulate a crash).
+    the resumed run's later steps equal the uninterrupted run's. Without ``resume`` a
+    non-empty ``out_dir`` is refused unless ``overwrite`` (which first deletes its contents).
+    The run holds an exclusive lock on ``out_dir`` (``RunDirectoryError`` if another process
+    has it). on_step(step, record) is called after each optimizer step (used by tests to
+    simulate a crash).
     """
+    if not str(out_dir).strip():
+        raise RunDirectoryError("the run directory (--out) must be a non-empty path")
+    out_dir = Path(out_dir)
+    with exclusive_lock(out_dir):
+        _claim_run_dir(out_dir, resume=resume, overwrite=overwrite)
+        return _train(cfg, out_dir, resume=resume, corpus=corpus, progress=progress, on_step=on_step)
+
+
+def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCorpus | None,
+           progress: bool, on_step: Callable[[int, dict], None] | None) -> dict:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if corpus is None:
         corpus = prepare_corpus(cfg.data, vocab_size=cfg.vocab_size, cache_dir=Path(cfg.cache_dir),
                                 val_fraction=cfg.val_fraction, max_train_tokens=cfg.max_train_tokens,
@@ -406,8 +433,13 @@ def machine_info() -> dict:
 
 
 def compare(methods: list[str], seeds: list[int], base: TrainConfig, out_dir: str | Path, *,
-            resume: bool = False, progress: bool = True, command: str | None = None) -> list[dict]:
-    """Train every (method, seed) on the same data and init; write results and the report."""
+            resume: bool = False, overwrite: bool = False, progress: bool = True,
+            command: str | None = None) -> list[dict]:
+    """Train every (method, seed) on the same data and init; write results and the report.
+
+    Each run lives in ``out_dir/<method>_s<seed>`` under ``train``'s rules: ``resume`` continues
+    (or only re-evaluates) existing runs, ``overwrite`` replaces them, neither refuses them.
+    """
     for m in methods:
         get_method(m)
     out_dir = Path(out_dir)
@@ -420,7 +452,7 @@ def compare(methods: list[str], seeds: list[int], base: TrainConfig, out_dir: st
         for seed in seeds:
             cfg = dataclasses.replace(base, method=method, seed=seed)
             run_dir = out_dir / f"{method}_s{seed}"
-            ev = train(cfg, run_dir, resume=resume, corpus=corpus, progress=progress)
+            ev = train(cfg, run_dir, resume=resume, overwrite=overwrite, corpus=corpus, progress=progress)
             results.append(summarize_run(run_dir, method=method, seed=seed, wall_seconds=ev["wall_seconds"],
                                          train_tokens=ev["train_tokens"]))
             runs.setdefault(method, []).append(run_dir)
