@@ -19,6 +19,13 @@ BASE = dict(d_model=16, num_experts=8, top_k=2, expert_hidden_size=8)
     (dict(num_groups=2, topk_groups=3), r"topk_groups=3 must be <= num_groups=2"),
     (dict(capacity_factor=0.0), r"capacity_factor=0.0 must be > 0"),
     (dict(capacity_factor=-1.0), r"capacity_factor=-1.0 must be > 0"),
+    # booleans are booleans, and a boolean is never a number
+    (dict(normalize_weights="no"), r"RouterConfig.normalize_weights='no' must be True or False"),
+    (dict(normalize_weights=1), r"RouterConfig.normalize_weights=1 must be True or False"),
+    (dict(check_finite=None), r"RouterConfig.check_finite=None must be True or False"),
+    (dict(scaling_factor=True), r"scaling_factor=True must be a finite number > 0"),
+    (dict(capacity_factor=True), r"capacity_factor=True must be > 0"),
+    (dict(num_groups=True, topk_groups=True), r"num_groups=True must be an integer >= 1"),
 ])
 def test_router_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -36,6 +43,12 @@ def test_router_config_errors(kwargs, match):
     (lambda: LossFree(min_gain=0.5, max_gain=0.2), r"min_gain=0.5 must be <= max_gain=0.2"),
     (lambda: LossFree(smoothing=1.0), r"LossFree.smoothing=1.0 must be a number in \[0, 1\)"),
     (lambda: LossFree(freeze_after_steps=-1), r"freeze_after_steps=-1 must be an integer >= 0"),
+    (lambda: LossFree(update_rate=True), r"LossFree.update_rate=True must be a finite number >= 0"),
+    (lambda: LossFree(center="yes"), r"LossFree.center='yes' must be True or False"),
+    (lambda: LossFree(max_gain=True), r"LossFree.max_gain=True must be a number in \(0, 1\]"),
+    (lambda: LossFree(freeze_after_steps=False), r"freeze_after_steps=False must be an integer >= 0"),
+    (lambda: AuxLoss(coeff=True), r"AuxLoss.coeff=True must be a finite number >= 0"),
+    (lambda: ZLoss(coeff=False), r"ZLoss.coeff=False must be a finite number >= 0"),
     (lambda: AuxLoss(coeff=-1.0), r"AuxLoss.coeff=-1.0 must be a finite number >= 0"),
     (lambda: AuxLoss(coeff=1e-3, scope="token"), r"AuxLoss.scope='token'.*micro_batch.*sequence.*global_batch"),
     (lambda: ZLoss(coeff=float("inf")), r"ZLoss.coeff=inf must be a finite number >= 0"),

@@ -63,6 +63,22 @@ def test_train_config_errors():
         TrainConfig(method="lossfree")
     with pytest.raises(ValueError, match=r"unknown preset 'huge'"):
         train_config("huge")
+    for kwargs, match in [
+        (dict(steps=True), r"TrainConfig.steps=True must be an integer >= 1"),
+        (dict(seed=False), r"TrainConfig.seed=False must be an integer >= 0"),
+        (dict(lr=float("inf")), r"TrainConfig.lr=inf must be a finite number > 0"),
+        (dict(lr=float("nan")), r"TrainConfig.lr=nan must be a finite number > 0"),
+        (dict(lr=True), r"TrainConfig.lr=True must be a finite number > 0"),
+        (dict(grad_clip="1"), r"TrainConfig.grad_clip='1' must be a finite number > 0"),
+        (dict(weight_decay=float("nan")), r"TrainConfig.weight_decay=nan must be a finite number >= 0"),
+        (dict(weight_decay=float("inf")), r"TrainConfig.weight_decay=inf must be a finite number >= 0"),
+        (dict(min_lr_ratio=float("nan")), r"TrainConfig.min_lr_ratio=nan must be a number in \[0, 1\]"),
+        (dict(val_fraction=1.0), r"TrainConfig.val_fraction=1.0 must be a number in \(0, 1\)"),
+        (dict(max_train_tokens=0), r"TrainConfig.max_train_tokens=0 must be an integer >= 1 or None"),
+        (dict(cache_dir=""), r"TrainConfig.cache_dir='' must be a non-empty string"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**kwargs)
 
 
 class Crash(RuntimeError):

@@ -26,8 +26,18 @@ def _choice(owner: str, name: str, value, allowed: tuple) -> None:
         raise ValueError(f"{owner}.{name}={value!r} is not allowed; choose one of {allowed}")
 
 
+def is_number(value) -> bool:
+    """An int or float that is not a bool (``True`` is an int in Python, never a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _bool(owner: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}.{name}={value!r} must be True or False")
+
+
 def _non_negative(owner: str, name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+    if not (is_number(value) and math.isfinite(value) and value >= 0):
         raise ValueError(f"{owner}.{name}={value!r} must be a finite number >= 0")
 
 
@@ -65,7 +75,9 @@ class RouterConfig:
     def __post_init__(self) -> None:
         _choice("RouterConfig", "score_fn", self.score_fn, SCORE_FNS)
         _choice("RouterConfig", "drop_policy", self.drop_policy, DROP_POLICIES)
-        if not (isinstance(self.scaling_factor, (int, float)) and math.isfinite(self.scaling_factor)
+        _bool("RouterConfig", "normalize_weights", self.normalize_weights)
+        _bool("RouterConfig", "check_finite", self.check_finite)
+        if not (is_number(self.scaling_factor) and math.isfinite(self.scaling_factor)
                 and self.scaling_factor > 0):
             raise ValueError(
                 f"RouterConfig.scaling_factor={self.scaling_factor!r} must be a finite number > 0")
@@ -81,7 +93,7 @@ class RouterConfig:
                     f"RouterConfig.topk_groups={self.topk_groups} must be <= "
                     f"num_groups={self.num_groups}")
         if self.capacity_factor is not None and not (
-                isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0):
+                is_number(self.capacity_factor) and self.capacity_factor > 0):
             raise ValueError(
                 f"RouterConfig.capacity_factor={self.capacity_factor!r} must be > 0 "
                 "(float('inf') keeps every assignment), or None for dropless routing")
@@ -126,15 +138,16 @@ class LossFree:
         _non_negative("LossFree", "update_rate", self.update_rate)
         _choice("LossFree", "rule", self.rule, LOSS_FREE_RULES)
         _choice("LossFree", "form", self.form, LOSS_FREE_FORMS)
+        _bool("LossFree", "center", self.center)
         for name in ("min_gain", "max_gain"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 < value <= 1):
+            if not (is_number(value) and 0 < value <= 1):
                 raise ValueError(f"LossFree.{name}={value!r} must be a number in (0, 1]")
         if self.min_gain > self.max_gain:
             raise ValueError(f"LossFree.min_gain={self.min_gain!r} must be <= max_gain={self.max_gain!r}")
-        if not (isinstance(self.smoothing, (int, float)) and 0 <= self.smoothing < 1):
+        if not (is_number(self.smoothing) and 0 <= self.smoothing < 1):
             raise ValueError(f"LossFree.smoothing={self.smoothing!r} must be a number in [0, 1)")
-        if not (isinstance(self.max_step, (int, float)) and math.isfinite(self.max_step)
+        if not (is_number(self.max_step) and math.isfinite(self.max_step)
                 and self.max_step > 0):
             raise ValueError(f"LossFree.max_step={self.max_step!r} must be a finite number > 0")
         if self.freeze_after_steps is not None:

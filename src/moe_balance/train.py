@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from .balancing import LossFreeBalancer, update_balancers
 from ._files import LOCK_NAME, RunDirectoryError, exclusive_lock
+from .balancing import LossFreeBalancer, update_balancers
 from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import is_number
 from .controller import solve_static_bias
 from .data import TokenizedCorpus, prepare_corpus
 from .methods import get_method
@@ -69,24 +70,35 @@ class TrainConfig:
     log_every: int = 1
 
     def __post_init__(self) -> None:
+        def integer(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def number(value) -> bool:
+            return is_number(value) and math.isfinite(value)
+
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "vocab_size", "eval_tokens",
                      "eval_batch_size", "log_every"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
+            if not (integer(value) and value >= 1):
                 raise ValueError(f"TrainConfig.{name}={value!r} must be an integer >= 1")
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 0):
+            if not (integer(value) and value >= 0):
                 raise ValueError(f"TrainConfig.{name}={value!r} must be an integer >= 0")
+        if self.max_train_tokens is not None and not (integer(self.max_train_tokens) and self.max_train_tokens >= 1):
+            raise ValueError(f"TrainConfig.max_train_tokens={self.max_train_tokens!r} must be an integer >= 1 or None")
         for name in ("lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be > 0")
-        if not (isinstance(self.val_fraction, float) and 0 < self.val_fraction < 1):
+            if not (number(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be a finite number > 0")
+        if not (number(self.val_fraction) and 0 < self.val_fraction < 1):
             raise ValueError(f"TrainConfig.val_fraction={self.val_fraction!r} must be a number in (0, 1)")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"TrainConfig.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
-        if self.weight_decay < 0:
-            raise ValueError(f"TrainConfig.weight_decay={self.weight_decay!r} must be >= 0")
+        if not (number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
+            raise ValueError(f"TrainConfig.min_lr_ratio={self.min_lr_ratio!r} must be a number in [0, 1]")
+        if not (number(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"TrainConfig.weight_decay={self.weight_decay!r} must be a finite number >= 0")
+        for name in ("preset", "method", "cache_dir"):
+            if not (isinstance(getattr(self, name), str) and getattr(self, name)):
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be a non-empty string")
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig.dtype={self.dtype!r} is not allowed; choose one of {DTYPES}")
         get_method(self.method)  # ValueError listing the known methods
