@@ -98,8 +98,10 @@ def test_resume_after_a_crash_between_checkpoints_continues_exactly(base, corpus
     with pytest.raises(Crash):
         train(base, crashed, corpus=corpus, progress=False, on_step=crash_at_10)
     assert [s for s, _ in list_checkpoints(crashed)] == [4, 8]
-    (crashed / ".ckpt-00000012.pt.1.dead.tmp").write_bytes(b"half a checkpoint")  # ignored
+    orphan = crashed / ".ckpt-00000012.pt.1.dead.tmp"
+    orphan.write_bytes(b"half a checkpoint")  # a writer killed mid-checkpoint
     train(base, crashed, corpus=corpus, progress=False, resume=True)
+    assert not orphan.exists()  # removed by the resumed run, which holds the lock
 
     a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(crashed / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(1, 13))  # steps 9-10 rewritten, not duplicated
@@ -190,6 +192,7 @@ def test_resume_after_sigkill_of_the_cli(base, corpus, tmp_path):
     import signal
     import subprocess
     import sys
+    import time
 
     steps, every = 30, 5
     out = tmp_path / "killed"
@@ -320,3 +323,70 @@ def test_a_locked_run_directory_is_refused_and_a_killed_holder_leaves_no_stale_l
     assert (tmp_path / ".lock").exists()  # the file stays, the lock died with its holder
     train(_tiny(base), tmp_path, corpus=corpus, progress=False)
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 2
+
+
+# ------------------------------------------------------------------------------ damaged checkpoints
+
+def _train_to_8_with_checkpoints(base, corpus, out):
+    cfg = base.__class__(**{**base.__dict__, "steps": 8, "checkpoint_every": 4})
+    train(cfg, out, corpus=corpus, progress=False)
+    return cfg
+
+
+def test_resume_skips_a_truncated_newest_checkpoint_and_says_so(base, corpus, tmp_path, capsys):
+    cfg = _train_to_8_with_checkpoints(base, corpus, tmp_path / "clean")
+    damaged = tmp_path / "damaged"
+    _train_to_8_with_checkpoints(base, corpus, damaged)
+    newest = damaged / "ckpt-00000008.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    capsys.readouterr()
+    train(cfg, damaged, corpus=corpus, progress=False, resume=True)
+    err = capsys.readouterr().err
+    assert f"skipping checkpoint {newest} is truncated" in err
+    assert f"resuming from {damaged / 'ckpt-00000004.pt'}" in err
+    # steps 5-8 were trained again from step 4: the same result as the clean run
+    a = load_checkpoint(tmp_path / "clean" / "ckpt-00000008.pt")["model"]
+    b = load_checkpoint(newest)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in read_jsonl(damaged / "metrics.jsonl")] == list(range(1, 9))
+
+
+def test_damaged_and_foreign_checkpoints_are_named_with_the_problem(base, corpus, tmp_path):
+    from moe_balance.checkpoint import MAGIC, CheckpointError, latest_valid_checkpoint, save_checkpoint
+
+    good = save_checkpoint(tmp_path, 1, {"step": 1, "x": torch.arange(4)})
+    assert torch.equal(load_checkpoint(good)["x"], torch.arange(4))
+    data = good.read_bytes()
+    cases = {
+        "garbage": (b"\x00\x01 not a checkpoint" * 10, "is not a readable moe_balance checkpoint"),
+        "flipped": (data[:-3] + bytes([data[-3] ^ 0xFF]) + data[-2:], "damaged \\(checksum mismatch\\)"),
+        "truncated": (data[:-10], "is truncated"),
+        "header": (MAGIC + b"{not json\n" + data, "damaged header"),
+        "newer": (data.replace(b'"format": 2', b'"format": 9', 1), "has format 9; this version reads format 2"),
+    }
+    for name, (content, match) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError, match=match) as info:
+            load_checkpoint(path)
+        assert str(path) in str(info.value)
+    legacy = tmp_path / "legacy.pt"  # format 1: a bare torch.save file still loads
+    torch.save({"step": 3, "x": torch.ones(2)}, legacy)
+    assert load_checkpoint(legacy)["step"] == 3
+    # nothing usable: resume starts from step 0 and says why
+    (tmp_path / "ckpt-00000009.pt").write_bytes(b"garbage")
+    good.unlink()
+    state, path, skipped = latest_valid_checkpoint(tmp_path)
+    assert state is None and path is None and len(skipped) == 1 and "ckpt-00000009.pt" in skipped[0]
+
+
+def test_a_corrupt_metrics_line_drops_only_that_line_on_resume(base, corpus, tmp_path, capsys):
+    cfg = _train_to_8_with_checkpoints(base, corpus, tmp_path)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:20] + "\x00garbage"  # step 2 damaged on disk
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "ckpt-00000008.pt").unlink()  # resume from step 4
+    capsys.readouterr()
+    train(cfg, tmp_path, corpus=corpus, progress=False, resume=True)
+    assert "dropped 1 unreadable line(s)" in capsys.readouterr().err
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 3, 4, 5, 6, 7, 8]

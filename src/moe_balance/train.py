@@ -28,7 +28,7 @@ import torch
 
 from ._files import LOCK_NAME, RunDirectoryError, exclusive_lock
 from .balancing import LossFreeBalancer, update_balancers
-from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write, latest_valid_checkpoint, remove_orphan_temporaries, save_checkpoint
 from .config import is_number
 from .controller import solve_static_bias
 from .data import TokenizedCorpus, prepare_corpus
@@ -259,13 +259,15 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     """Keep the metrics of steps <= last_step (a resumed run rewrites what came after)."""
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines():
+    kept, damaged = [], 0
+    for line in path.read_text(errors="replace").splitlines():
         try:
             if json.loads(line)["step"] <= last_step:
                 kept.append(line)
-        except (json.JSONDecodeError, KeyError):
-            break  # a line cut by a kill: everything after it is gone anyway
+        except (json.JSONDecodeError, KeyError, TypeError):
+            damaged += 1  # a line cut by a kill or damaged on disk: drop it, keep the others
+    if damaged:
+        print(f"moe-balance: dropped {damaged} unreadable line(s) from {path}", file=sys.stderr)
     atomic_write(path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept)))
 
 
@@ -318,6 +320,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, overwr
     out_dir = Path(out_dir)
     with exclusive_lock(out_dir):
         _claim_run_dir(out_dir, resume=resume, overwrite=overwrite)
+        remove_orphan_temporaries(out_dir)  # from a writer killed mid-checkpoint; we hold the lock
         return _train(cfg, out_dir, resume=resume, corpus=corpus, progress=progress, on_step=on_step)
 
 
@@ -333,10 +336,16 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCo
     model = build_model(cfg, corpus.vocab_size)
     optimizer, scheduler = build_optimizer(model, cfg)
     start_step, wall_before = 0, 0.0
-    checkpoint = latest_checkpoint(out_dir) if resume else None
-    if checkpoint is not None:
+    state = None
+    if resume:
+        state, checkpoint, skipped = latest_valid_checkpoint(out_dir)
+        for reason in skipped:
+            print(f"moe-balance: skipping {reason}", file=sys.stderr)
+        if skipped:
+            print(f"moe-balance: resuming from {checkpoint}" if checkpoint is not None
+                  else "moe-balance: no usable checkpoint; starting from step 0", file=sys.stderr)
+    if state is not None:
         _check_same_config(out_dir, cfg)
-        state = load_checkpoint(checkpoint)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
