@@ -56,3 +56,65 @@ def test_none_overrides_a_preset_value_and_absent_flags_keep_it():
     cleared = _config_from_args(parser.parse_args(["train", "--out", "o", "--preset", "tiny",
                                                    "--max-train-tokens", "none", "--steps", "7"]))
     assert cleared.max_train_tokens is None and cleared.steps == 7
+
+
+# ------------------------------------------------------------------------------ ordinary mistakes
+
+def test_ordinary_mistakes_give_one_line_not_a_traceback(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--preset", "tiny", "--out", str(a_file)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"the run directory {a_file} exists and is not a directory" in err and "Traceback" not in err
+
+    # the cache directory is a file: the OS error in one line, exit 1
+    code = main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--cache-dir", str(a_file)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("moe-balance: error: ") and str(a_file) in err
+    assert "Traceback" not in err
+
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--repeats", "0"])
+    assert info.value.code == 2 and "must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    from moe_balance._files import RunDirectoryError
+
+    with pytest.raises(RunDirectoryError):
+        main(["--debug", "train", "--preset", "tiny", "--out", str(a_file)])
+
+
+def test_ctrl_c_says_where_training_stopped_and_how_to_continue(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"f{i}.txt").write_text(" ".join(f"word{j % 50}" for j in range(i, 3000 + i)))
+    cmd = [sys.executable, "-m", "moe_balance.cli", "train", "--preset", "tiny", "--out", str(out),
+           "--data", str(corpus), "--vocab-size", "300", "--cache-dir", str(tmp_path / "cache"),
+           "--steps", "100000", "--checkpoint-every", "0", "--max-train-tokens", "none"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    step = int(err.split("interrupted at step ")[1].split(";")[0])
+    assert step >= 3 and "continue with --resume" in err and "Traceback" not in err
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert logged[-1] == step  # the message names the last step that was logged

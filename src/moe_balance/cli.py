@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .methods import SWEEPS, list_methods
-from .train import TRAIN_PRESETS, TrainConfig, build_model, compare, train, train_config
+from .train import TRAIN_PRESETS, TrainConfig, TrainingInterrupted, build_model, compare, train, train_config
 
 DEFAULT_METHODS = ("aux_loss", "loss_free", "loss_free_adaptive")
 # The demo fits `make demo` in 10 minutes on 2 cores: the baseline and the adaptive controller.
@@ -46,12 +46,21 @@ def _config_from_args(args, skip: tuple[str, ...] = ()) -> TrainConfig:
     return train_config(args.preset, **overrides)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-balance", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="aux loss vs adaptive Loss-Free on the quick preset (make demo)")
@@ -80,10 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_flags(p, skip=("method", "seed"))
 
     p = sub.add_parser("bench", help="time the expert paths (loop, bmm, grouped_mm) in one run")
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--num-experts", type=int, default=64)
-    p.add_argument("--top-k", type=int, default=6)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tokens", type=_positive_int, default=4096)
+    p.add_argument("--num-experts", type=_positive_int, default=64)
+    p.add_argument("--top-k", type=_positive_int, default=6)
+    p.add_argument("--repeats", type=_positive_int, default=5)
 
     sub.add_parser("methods", help="list the registered balancing methods")
     p = sub.add_parser("params", help="parameter counts of a model preset (built on the meta device)")
@@ -122,8 +131,27 @@ def main(argv: list[str] | None = None) -> int:
             compare(methods, args.seeds, _config_from_args(args, skip), args.out, resume=args.resume,
                     overwrite=args.overwrite, command=command_line)
             print(f"report: {Path(args.out) / 'report.md'}")
+    except TrainingInterrupted as stop:
+        if args.debug:
+            raise
+        print(f"moe-balance: interrupted at step {stop.step}; continue with --resume "
+              f"(run directory {stop.out_dir})", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("moe-balance: interrupted", file=sys.stderr)
+        return 130
     except ValueError as err:
+        if args.debug:
+            raise
         parser.error(str(err))
+    except OSError as err:  # a path that is a file, read-only, missing, full disk, ...
+        if args.debug:
+            raise
+        where = f": {err.filename}" if getattr(err, "filename", None) else ""
+        print(f"moe-balance: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
     return 0
 
 

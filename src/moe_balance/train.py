@@ -289,6 +289,15 @@ def _check_same_config(out_dir: Path, cfg: TrainConfig) -> None:
                          f"({'; '.join(changed)}); use another --out or remove the directory")
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: ``step`` optimizer steps were done (the newest checkpoint may be
+    older; ``--resume`` continues from it exactly)."""
+
+    def __init__(self, step: int, out_dir: Path):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.out_dir = step, out_dir
+
+
 def _claim_run_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse a non-empty run directory unless resuming it or told to overwrite it (called
     with the directory's lock held, so two processes cannot both find it empty)."""
@@ -318,6 +327,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, overwr
     if not str(out_dir).strip():
         raise RunDirectoryError("the run directory (--out) must be a non-empty path")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunDirectoryError(f"the run directory {out_dir} exists and is not a directory")
     with exclusive_lock(out_dir):
         _claim_run_dir(out_dir, resume=resume, overwrite=overwrite)
         remove_orphan_temporaries(out_dir)  # from a writer killed mid-checkpoint; we hold the lock
@@ -364,26 +375,31 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCo
     started = time.perf_counter()
     bar = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps,
                desc=f"{cfg.method} s{cfg.seed}", disable=not progress, dynamic_ncols=True)
-    with open(metrics_path, "a") as metrics_file:
-        for step in bar:
-            t0 = time.perf_counter()
-            record = _train_step(model, optimizer, scheduler, sampler, cfg, step)
-            record["tokens_per_second"] = tokens_per_step / (time.perf_counter() - t0)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                ev = evaluate(model, corpus, cfg)
-                record.update(val_loss=ev["val_loss"], val_ppl=ev["val_ppl"], maxvio_global=ev["maxvio_global"])
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            if step % cfg.log_every == 0:
-                for key in ("loss", "lm_loss", "aux_loss", "lr", "maxvio_batch", "cv", "tokens_per_second"):
-                    writer.add_scalar(f"train/{key}", record[key], step)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", maxvio=f"{record['maxvio_batch']:.2f}")
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
-                state = _training_state(model, optimizer, scheduler, step)
-                state["wall_seconds"] = wall_before + time.perf_counter() - started
-                save_checkpoint(out_dir, step, state)
-            if on_step is not None:
-                on_step(step, record)
+    done = start_step  # optimizer steps finished (for the message if Ctrl-C stops the run)
+    try:
+        with open(metrics_path, "a") as metrics_file:
+            for step in bar:
+                t0 = time.perf_counter()
+                record = _train_step(model, optimizer, scheduler, sampler, cfg, step)
+                record["tokens_per_second"] = tokens_per_step / (time.perf_counter() - t0)
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                    ev = evaluate(model, corpus, cfg)
+                    record.update(val_loss=ev["val_loss"], val_ppl=ev["val_ppl"], maxvio_global=ev["maxvio_global"])
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                if step % cfg.log_every == 0:
+                    for key in ("loss", "lm_loss", "aux_loss", "lr", "maxvio_batch", "cv", "tokens_per_second"):
+                        writer.add_scalar(f"train/{key}", record[key], step)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", maxvio=f"{record['maxvio_batch']:.2f}")
+                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+                    state = _training_state(model, optimizer, scheduler, step)
+                    state["wall_seconds"] = wall_before + time.perf_counter() - started
+                    save_checkpoint(out_dir, step, state)
+                if on_step is not None:
+                    on_step(step, record)
+                done = step
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(done, out_dir) from None
     wall_seconds = wall_before + time.perf_counter() - started
 
     result = evaluate(model, corpus, cfg)
