@@ -84,14 +84,19 @@ def flip_margins(selection_TE: torch.Tensor, selected_TE: torch.Tensor, top_k: i
 def margin_histograms(margins_TE: torch.Tensor, selected_TE: torch.Tensor,
                       edges_B: torch.Tensor) -> torch.Tensor:
     """(2, E, B) int64: [0] margins of unselected tokens (they join when the bias rises),
-    [1] margins of selected tokens (they leave when it falls). Margins past the last edge
-    are not counted (the step is capped there)."""
+    [1] margins of selected tokens (they leave when it falls). Bins are (edge_{b-1}, edge_b],
+    the first one [0, edge_0]; margins past the last edge are not counted (the step is capped
+    there). The edges must be geometric (``margin_edges``): a bin index is then
+    ceil(log(m / edge_0) / log(ratio)), much cheaper than a search.
+    """
     T, E = margins_TE.shape
     B = edges_B.numel()
-    edges = edges_B.to(device=margins_TE.device, dtype=margins_TE.dtype)
-    bins_TE = torch.bucketize(margins_TE, edges)  # B = beyond the last edge
-    side_TE = selected_TE.long()
-    flat = (side_TE * E + torch.arange(E, device=margins_TE.device)) * (B + 1) + bins_TE
+    log_first, log_last = float(edges_B[0].log()), float(edges_B[-1].log())
+    log_ratio = (log_last - log_first) / max(B - 1, 1)
+    logs_TE = margins_TE.float().clamp_min(1e-30).log()
+    bins_TE = ((logs_TE - log_first) / log_ratio).ceil_().clamp_(0, B).to(torch.int32)  # B = beyond
+    experts_E = torch.arange(E, device=margins_TE.device, dtype=torch.int32)
+    flat = (selected_TE.to(torch.int32) * E + experts_E) * (B + 1) + bins_TE
     hist = torch.bincount(flat.reshape(-1), minlength=2 * E * (B + 1))
     return hist.view(2, E, B + 1)[..., :B]
 
@@ -178,8 +183,8 @@ def solve_static_bias(scores_TE: torch.Tensor, top_k: int, *, multiplicative: bo
             best, best_bias, since_best = vio, bias_E.clone(), 0
         else:
             since_best += 1
-        if best == 0.0 or since_best >= patience:
-            break
+        if best * float(counts_E.double().mean()) <= 1.0 or since_best >= patience:
+            break  # within one token of perfect (the metric's resolution), or stuck
         margins_TE = torch.where(selected_TE, selection_TE - values_TK1[:, top_k:],
                                  values_TK1[:, top_k - 1:top_k] - selection_TE)
         if multiplicative:

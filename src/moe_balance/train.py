@@ -224,7 +224,7 @@ def evaluate(model: MoETransformer, corpus: TokenizedCorpus, cfg: TrainConfig) -
     return result
 
 
-FLOOR_TOKENS = 65536
+FLOOR_TOKENS = 32768
 
 
 def static_bias_floor(model: MoETransformer, scores_per_layer: list[torch.Tensor]) -> list[float]:
