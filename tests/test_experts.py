@@ -135,3 +135,19 @@ def test_bench_reports_every_path_relative_to_the_loop():
         assert r.ms_per_call > 0
         assert r.speedup_vs_loop == pytest.approx(results[0].ms_per_call / r.ms_per_call)
     assert "| loop |" in format_bench(results)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_grouped_mm_probe_does_not_depend_on_grad_mode(mode):
+    """A first probe under no_grad (evaluation before training) must not cache False."""
+    from moe_balance.experts import grouped_mm_supported
+
+    grouped_mm_supported.cache_clear()
+    try:
+        context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+        with context:
+            inside = grouped_mm_supported("cpu", torch.float32)
+        assert inside is True  # torch 2.13 runs _grouped_mm forward and backward on CPU
+        assert grouped_mm_supported("cpu", torch.float32) is True
+    finally:
+        grouped_mm_supported.cache_clear()

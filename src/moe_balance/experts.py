@@ -59,14 +59,21 @@ def _swiglu(x, w_gate, w_up, w_down):
 
 @functools.cache
 def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether ``torch._grouped_mm`` runs (forward and backward) for this device and dtype."""
+    """Whether ``torch._grouped_mm`` runs (forward and backward) for this device and dtype.
+
+    The answer is cached for the process, so the probe must not depend on the caller's grad
+    mode: a first call under ``torch.no_grad()`` or ``inference_mode`` (an evaluation before
+    any training) would otherwise cache False and send every later training step down the
+    slower ``bmm`` path.
+    """
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        x = torch.randn(6, 16, device=device_type, dtype=dtype, requires_grad=True)
-        w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
-        offs = torch.tensor([2, 6], device=device_type, dtype=torch.int32)
-        _grouped(x, w, offs).sum().backward()
+        with torch.inference_mode(False), torch.enable_grad():
+            x = torch.randn(6, 16, device=device_type, dtype=dtype, requires_grad=True)
+            w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+            offs = torch.tensor([2, 6], device=device_type, dtype=torch.int32)
+            _grouped(x, w, offs).sum().backward()
         return True
     except (RuntimeError, NotImplementedError, TypeError):
         return False
