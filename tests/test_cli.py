@@ -118,3 +118,41 @@ def test_ctrl_c_says_where_training_stopped_and_how_to_continue(tmp_path):
     assert step >= 3 and "continue with --resume" in err and "Traceback" not in err
     logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert logged[-1] == step  # the message names the last step that was logged
+
+
+def test_missing_optional_package_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if the train extra were not installed
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"f{i}.txt").write_text(" ".join(f"w{j % 40}" for j in range(i, 2000 + i)))
+    out = tmp_path / "run"
+    code = main(["train", "--preset", "tiny", "--out", str(out), "--data", str(corpus),
+                 "--vocab-size", "300", "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.strip() == ("moe-balance: error: TensorBoard logging needs the `tensorboard` package, "
+                           "which is not installed: pip install 'moe-balance[train]'")
+    assert not out.exists()  # the failed run left no empty run directory behind
+
+
+def test_import_error_from_a_library_names_the_extra_or_keeps_the_traceback():
+    from moe_balance._optional import missing_dependency_message
+
+    assert missing_dependency_message(ModuleNotFoundError("x", name="matplotlib.figure")) == (
+        "the optional package `matplotlib` is not installed: pip install 'moe-balance[train]'")
+    assert missing_dependency_message(ModuleNotFoundError("x", name="numpy")) is None  # a broken install
+
+
+def test_failed_run_leaves_no_empty_directory_but_keeps_an_existing_one(tmp_path, capsys):
+    fresh = tmp_path / "fresh"
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "tiny", "--out", str(fresh), "--data", str(tmp_path / "missing")])
+    assert "unknown data spec" in capsys.readouterr().err and not fresh.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "tiny", "--out", str(existing), "--data", str(tmp_path / "missing")])
+    assert existing.is_dir()  # the user's directory is not ours to delete

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import random
 import subprocess
 import tarfile
@@ -383,3 +384,42 @@ def test_batch_sampler_domains_on_real_corpus(corpus_spec, tmp_path):
         starts = torch.nonzero((windows == row).all(dim=1)).flatten()
         assert len(starts) >= 1
         assert int(dom) in split.domain_at(starts.numpy()).tolist()
+
+
+# ------------------------------------------------------------------------ Hugging Face data sets
+
+def test_hf_spec_reads_a_local_dataset_offline(tmp_path, monkeypatch):
+    """`hf:PATH` goes through `datasets.load_dataset`, which reads a local directory of JSON
+    lines without a hub (the `hf` extra installs `datasets`, so this runs after `make`)."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    data = tmp_path / "ds"
+    data.mkdir()
+    rows = [{"text": "first document"}, {"text": "   "}, {"text": "second\ndocument"}]
+    (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    docs = load_documents(f"hf:{data}", cache_dir=tmp_path)
+    assert [d.text for d in docs] == ["first document", "second\ndocument"]  # blank rows dropped
+    assert [d.name for d in docs] == [f"hf:{data}/0", f"hf:{data}/2"]
+
+
+def test_hf_spec_failure_is_one_value_error_naming_the_spec(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    data = tmp_path / "ds"
+    data.mkdir()
+    (data / "train.jsonl").write_text(json.dumps({"body": "no text column"}) + "\n")
+    with pytest.raises(ValueError, match=r"could not load Hugging Face dataset 'hf:.*ds' \(.*\); "
+                                         r"a hub name needs network access") as info:
+        load_documents(f"hf:{data}", cache_dir=tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_datasets_package_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    from moe_balance._optional import MissingDependency
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(MissingDependency, match=r"data spec 'hf:x' needs the `datasets` package, "
+                                                r"which is not installed: pip install 'moe-balance\[hf\]'"):
+        load_documents("hf:x", cache_dir=tmp_path)

