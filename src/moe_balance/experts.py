@@ -50,6 +50,8 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def _grouped(x, w, offs):
+    if x.dtype != w.dtype:  # only under autocast (MoE checks otherwise): _grouped_mm has no autocast rule
+        w = w.to(x.dtype)
     return _ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offs))
 
 

@@ -80,20 +80,41 @@ class MoE(nn.Module):
                 return b.expert_bias
         return None
 
+    def _check_dtype(self, x: torch.Tensor) -> None:
+        """The input must be floating point and, outside autocast, of the experts' dtype."""
+        weight = next(self.experts.parameters())
+        if not x.is_floating_point():
+            raise TypeError(f"MoE input must be floating point; got dtype {x.dtype}: cast it with "
+                            f"x.to({weight.dtype})")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"MoE input dtype {x.dtype} differs from the layer's parameter dtype "
+                            f"{weight.dtype}: cast the input (x.to({weight.dtype})) or the layer "
+                            f"(moe.to({x.dtype}))")
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MoEOutput:
-        """x: (..., d_model). mask: x.shape[:-1] bool, False marks padding tokens, which are
-        not routed (their routed output is 0) and are left out of counts and losses."""
+        """x: (..., d_model), the layer's dtype (or any float dtype under autocast). mask:
+        x.shape[:-1] bool, False marks padding tokens, which are not routed (their routed output
+        is 0) and are left out of counts and losses; their values are never read (NaN is fine)."""
         D = self.config.d_model
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"MoE input must be a torch.Tensor of shape (..., {D}); got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != D:
             raise ValueError(f"MoE input last dim must be d_model={D}; got shape {tuple(x.shape)}")
+        self._check_dtype(x)
         batch_shape = x.shape[:-1]
         x_TD = x.reshape(-1, D)
         mask_T = None
         if mask is not None:
+            if mask.dtype != torch.bool:  # a float mask cast to bool would make 0.5 and NaN real tokens
+                raise TypeError(f"MoE mask must be a bool tensor (True = token, False = padding); got "
+                                f"dtype {mask.dtype}: pass mask.bool() or a comparison such as mask > 0")
             if mask.shape != batch_shape:
                 raise ValueError(f"MoE mask shape must equal the input's leading shape "
                                  f"{tuple(batch_shape)}; got {tuple(mask.shape)}")
-            mask_T = mask.reshape(-1).to(device=x.device, dtype=torch.bool)
+            mask_T = mask.reshape(-1).to(device=x.device)
+            # padding rows are zeroed: whatever they hold (NaN included) reaches no logit check,
+            # loss or expert; their output is 0 (the routed part) plus the shared experts of 0
+            x_TD = torch.where(mask_T[:, None], x_TD, x_TD.new_zeros(()))
 
         biased = [b for b in self.balancers if b.selection_bias() is not None]
         bias_E = biased[0].selection_bias() if biased else None
