@@ -207,6 +207,8 @@ CASES = {
     "cli-nonfinite": lambda ctx: cli_error(["train", "--out", "x", "--nonfinite", "ignore"], ctx["capsys"]),
     "cli-out-empty": lambda ctx: cli_error(["train", "--preset", "tiny", "--out", ""], ctx["capsys"]),
     "cli-out-file": _out_is_file,
+    "cli-seeds": lambda ctx: cli_error(["compare", "--out", "x", "--seeds", "0,0"], ctx["capsys"])
+    + cli_error(["compare", "--out", "x", "--seeds", "a"], ctx["capsys"]),
     "cli-bench-repeats": lambda ctx: cli_error(["bench", "--repeats", "0"], ctx["capsys"]),
     "cli-missing-extra": _missing_extra,
     "data-missing": lambda ctx: error_of(lambda: load_documents("no/such/dir", cache_dir=ctx["tmp"])),

@@ -59,6 +59,17 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _seeds(text: str) -> list[int]:
+    """Comma-separated distinct integers >= 0."""
+    try:
+        seeds = [int(s) for s in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct integers >= 0, got {text!r}")
+    return seeds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-balance", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true",
@@ -86,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"comma-separated method names (default: {','.join(DEFAULT_METHODS)})")
         else:
             p.add_argument("--which", choices=sorted(SWEEPS) + ["all"], default="all")
-        p.add_argument("--seeds", type=lambda t: [int(s) for s in _csv(t)], default=[0],
+        p.add_argument("--seeds", type=_seeds, default=[0],
                        help="comma-separated seeds (default: 0)")
         _add_config_flags(p, skip=("method", "seed"))
 
