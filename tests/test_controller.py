@@ -134,6 +134,33 @@ def test_adaptive_first_update_hand_computed():
     torch.testing.assert_close(layer.balancers[0].innovation_mean, 0.1 * innovation)
 
 
+def test_trust_error_gives_full_steps_to_an_expert_that_just_became_overloaded():
+    """After an update in which expert 0 was under-loaded, a batch that overloads it: its
+    innovation flips sign, so the noise gain is small, but its load error (2.0) is far above
+    trust_error (0.5), so it takes min(max_gain, 2.0 - 0.5) = max_gain of the Newton step."""
+    spec = LossFree(rule="adaptive", max_step=1.0)
+    layer = identity_layer(spec)
+    train_step(layer, torch.tensor([[0.0, 2, 1], [0, 1, 2], [0, 2, 1]]))  # expert 0 gets nothing
+    update_balancers(layer)
+    balancer = layer.balancers[0]
+    assert balancer.innovation_mean[0] > 0  # it was pushed up
+    state = {k: v.clone() for k, v in balancer.state_dict().items()}
+    train_step(layer, torch.tensor([[3.0, 0, 0], [3, 1, 0], [3, 0, 1]]))  # now it gets everything
+    counts = balancer.pending_counts.clone()
+    assert counts.tolist() == [3, 0, 0]
+    innovation = newton_step(counts, balancer.pending_margins, balancer.margin_edges, 1.0, spec.max_step)
+    noise_gain = adaptive_gain(innovation, state["innovation_mean"].clone(), state["innovation_square"].clone(),
+                               2, smoothing=spec.smoothing, min_gain=spec.min_gain, max_gain=spec.max_gain)
+    assert innovation[0] < 0 and noise_gain[0] < 0.3  # the history says "noise"
+    error = (counts.double() - 1).abs()  # |c_i - c̄| / c̄ with c̄ = 1: (2, 1, 1)
+    gain = torch.maximum(noise_gain, (error - spec.trust_error).clamp(0, spec.max_gain))
+    assert gain.tolist() == pytest.approx([1.0, max(0.5, noise_gain[1].item()), max(0.5, noise_gain[2].item())])
+    step = gain * innovation
+    before = balancer.expert_bias.clone()
+    update_balancers(layer)
+    torch.testing.assert_close(balancer.expert_bias - before, (step - step.mean()).float())
+
+
 def test_multiplicative_bias_selects_on_score_times_bias():
     layer = identity_layer(LossFree(update_rate=0.1, form="multiplicative"), num_experts=4)
     assert layer.expert_bias.tolist() == [1.0, 1.0, 1.0, 1.0]

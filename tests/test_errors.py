@@ -187,6 +187,8 @@ CASES = {
     "lossfree-nan": lambda ctx: error_of(lambda: LossFree(update_rate=math.nan)),
     "lossfree-rule": lambda ctx: error_of(lambda: LossFree(rule="pid")),
     "moe-top-k": lambda ctx: error_of(lambda: MoEConfig(d_model=8, num_experts=4, top_k=5, expert_hidden_size=16)),
+    "grouped-mm-unaligned": lambda ctx: error_of(lambda: MoEConfig(d_model=6, num_experts=4, top_k=2,
+                                                                   expert_hidden_size=16, expert_impl="grouped_mm")),
     "router-groups": lambda ctx: error_of(lambda: RouterConfig(num_groups=3)),
     "balancers-list": lambda ctx: error_of(lambda: MoEConfig(d_model=8, num_experts=4, top_k=2,
                                                              expert_hidden_size=16, balancers=[LossFree()])),

@@ -231,6 +231,10 @@ class LossFreeBalancer(Balancer):
                 gain_E = controller.adaptive_gain(
                     innovation_E, self.innovation_mean, self.innovation_square, int(self.num_updates) + 1,
                     smoothing=spec.smoothing, min_gain=spec.min_gain, max_gain=spec.max_gain)
+                # far from balance, trust the step whatever the noise estimate says: an expert
+                # that just became the overloaded one has a history of the opposite sign
+                error_E = (load_E - load_E.mean()).abs() / load_E.mean()
+                gain_E = torch.maximum(gain_E, (error_E - spec.trust_error).clamp(0, spec.max_gain))
                 delta_E = gain_E * innovation_E
                 delta_E = delta_E - delta_E.mean()  # only relative biases matter: no common mode
             else:

@@ -113,8 +113,11 @@ class LossFree:
       bias change that would have moved n of the last step's tokens across expert i's top-K
       threshold, and the gain g_i = clip(m_i^2 / v_i, min_gain, max_gain) from moving averages
       (``smoothing``) of y_i and y_i^2: near 1 while the innovations keep their sign (follow a
-      drifting router), near min_gain while they are batch noise (average it). Large steps
-      far from balance, tiny ones near it; ``update_rate`` is not used.
+      drifting router), near min_gain while they are batch noise (average it); and never below
+      |c_i - c̄| / c̄ - ``trust_error`` (capped at max_gain), so an expert far from balance takes
+      full steps even when its history says noise (an expert that just became the overloaded
+      one has innovations of the opposite sign behind it). Large steps far from balance, tiny
+      ones near it; ``update_rate`` is not used.
 
     ``form="additive"`` selects top-K on s + b (b starts at 0); ``"multiplicative"`` on s * b
     (the paper's multiplicative-bias ablation: b starts at 1 and is kept >= 1e-3, so a bias
@@ -131,6 +134,7 @@ class LossFree:
     min_gain: float = 0.05
     max_gain: float = 1.0
     smoothing: float = 0.9
+    trust_error: float = 0.5
     center: bool = False
     freeze_after_steps: int | None = None
 
@@ -147,6 +151,8 @@ class LossFree:
             raise ValueError(f"LossFree.min_gain={self.min_gain!r} must be <= max_gain={self.max_gain!r}")
         if not (is_number(self.smoothing) and 0 <= self.smoothing < 1):
             raise ValueError(f"LossFree.smoothing={self.smoothing!r} must be a number in [0, 1)")
+        if not (is_number(self.trust_error) and self.trust_error >= 0):  # inf: the noise gain only
+            raise ValueError(f"LossFree.trust_error={self.trust_error!r} must be a number >= 0 (inf to disable)")
         if not (is_number(self.max_step) and math.isfinite(self.max_step)
                 and self.max_step > 0):
             raise ValueError(f"LossFree.max_step={self.max_step!r} must be a finite number > 0")
@@ -217,6 +223,11 @@ class MoEConfig:
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"MoEConfig.top_k={self.top_k} must be <= num_experts={self.num_experts}")
+        if self.expert_impl == "grouped_mm" and (self.d_model % 8 or self.expert_hidden_size % 8):
+            # torch._grouped_mm needs 16-byte aligned rows: multiples of 8 elements cover bf16 too
+            raise ValueError(f"MoEConfig.expert_impl='grouped_mm' needs d_model and expert_hidden_size "
+                             f"to be multiples of 8 (got {self.d_model} and {self.expert_hidden_size}); "
+                             "use expert_impl='auto', which falls back to 'bmm'")
         if not isinstance(self.router, RouterConfig):
             raise ValueError(f"MoEConfig.router must be a RouterConfig, got {type(self.router).__name__}")
         if not isinstance(self.balancers, tuple):
