@@ -105,8 +105,11 @@ def test_ctrl_c_says_where_training_stopped_and_how_to_continue(tmp_path):
     cmd = [sys.executable, "-m", "moe_balance.cli", "train", "--preset", "tiny", "--out", str(out),
            "--data", str(corpus), "--vocab-size", "300", "--cache-dir", str(tmp_path / "cache"),
            "--steps", "100000", "--checkpoint-every", "0", "--max-train-tokens", "none"]
+    # SIG_DFL in the child: a shell's background job (e.g. `make test &`) inherits SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TQDM_DISABLE": "1"})
+                            env={**os.environ, "TQDM_DISABLE": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 3):

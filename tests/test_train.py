@@ -140,6 +140,9 @@ def test_metrics_schema_and_eval_contents(base, corpus, tmp_path):
     # train windows: the same kind of measurement on other data (the training files)
     assert 0 <= result["maxvio_train_windows"] <= 8 / 2 - 1
     assert result["maxvio_train_windows"] != result["maxvio_global"]
+    # batches of training windows: the better of two static biases is never above the final one
+    assert 0 <= result["maxvio_batch_floor"] <= result["maxvio_batch_final"] <= 8 / 2 - 1
+    assert len(result["maxvio_batch_floor_layers"]) == 1
     assert [p.name for p in sorted(tmp_path.glob("ckpt-*.pt"))] == ["ckpt-00000004.pt"]
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert (tmp_path / "model.safetensors").stat().st_size > 0
@@ -171,7 +174,7 @@ def test_tiny_compare_end_to_end(base, tmp_path):
     for r in results:
         for key in ("seed", "val_loss", "val_ppl", "maxvio_global", "maxvio_batch", "train_tokens",
                     "wall_seconds", "tokens_per_second", "maxvio_static_floor", "maxvio_train_windows",
-                    "steps_to_balance", "maxvio_batch_late_std"):
+                    "steps_to_balance", "maxvio_batch_late_std", "maxvio_batch_floor"):
             assert key in r
         assert r["maxvio_static_floor"] <= r["maxvio_global"]
         losses = [x["lm_loss"] for x in read_jsonl(tmp_path / f"{r['method']}_s0" / "metrics.jsonl")]
