@@ -254,17 +254,22 @@ def static_bias_floor(model: MoETransformer, scores_per_layer: list[torch.Tensor
     Solved on at most ``FLOOR_TOKENS`` evenly strided validation tokens. NOTE: each layer is solved on its inputs under the current biases of the layers below it,
     i.e. one layer at a time, not jointly.
     """
-    floors = []
-    for layer, scores_TE in zip(model.moe_layers, scores_per_layer):
-        # NOTE: at most FLOOR_TOKENS evenly strided tokens, to keep evaluation quick
-        scores_TE = scores_TE[::-(-scores_TE.shape[0] // FLOOR_TOKENS)]
-        balancer = next((b for b in layer.balancers if isinstance(b, LossFreeBalancer)), None)
-        multiplicative = balancer is not None and balancer.multiplicative
-        bias_E = None if balancer is None else balancer.expert_bias
-        _, floor = solve_static_bias(scores_TE, layer.config.top_k, multiplicative=multiplicative,
-                                     initial_bias_E=bias_E)
-        floors.append(floor)
-    return floors
+    return [_best_static_bias(layer, scores_TE)[1]
+            for layer, scores_TE in zip(model.moe_layers, scores_per_layer)]
+
+
+def _layer_bias(layer) -> tuple[torch.Tensor | None, bool]:
+    """(the layer's Loss-Free bias on the CPU or None, whether it multiplies the scores)."""
+    balancer = next((b for b in layer.balancers if isinstance(b, LossFreeBalancer)), None)
+    return (None, False) if balancer is None else (balancer.expert_bias.cpu(), balancer.multiplicative)
+
+
+def _best_static_bias(layer, scores_TE: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``solve_static_bias`` on at most FLOOR_TOKENS evenly strided tokens (to keep evaluation
+    quick), warm started from the layer's own bias."""
+    bias_E, multiplicative = _layer_bias(layer)
+    return solve_static_bias(scores_TE[::-(-scores_TE.shape[0] // FLOOR_TOKENS)], layer.config.top_k,
+                             multiplicative=multiplicative, initial_bias_E=bias_E)
 
 
 def batch_balance(model: MoETransformer, scores_per_layer: list[torch.Tensor], *, seq_len: int,
@@ -287,12 +292,8 @@ def batch_balance(model: MoETransformer, scores_per_layer: list[torch.Tensor], *
         if batches == 0:
             raise ValueError(f"batch_balance needs at least {batch_windows} windows, got {W}")
         order = torch.randperm(W, generator=torch.Generator().manual_seed(seed))[:batches * batch_windows]
-        balancer = next((b for b in layer.balancers if isinstance(b, LossFreeBalancer)), None)
-        multiplicative = balancer is not None and balancer.multiplicative
-        final_bias = None if balancer is None else balancer.expert_bias.cpu()
-        strided = scores_TE[::-(-scores_TE.shape[0] // FLOOR_TOKENS)]
-        best_bias, _ = solve_static_bias(strided, layer.config.top_k, multiplicative=multiplicative,
-                                         initial_bias_E=final_bias)
+        final_bias, multiplicative = _layer_bias(layer)
+        best_bias, _ = _best_static_bias(layer, scores_TE)
         per_bias = []
         for bias_E in (final_bias, best_bias):
             selection = scores_TE if bias_E is None else (
