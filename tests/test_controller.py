@@ -34,15 +34,15 @@ def test_flip_margins_hand_computed():
     selected = select_top_k(selection, 2)
     assert selected.tolist() == [[True, True, False, False]]
     # selected: distance down to the best unselected (0.4); unselected: up to the worst selected (0.7)
-    torch.testing.assert_close(flip_margins(selection, selected, 2), torch.tensor([[0.5, 0.3, 0.3, 0.6]]))
+    torch.testing.assert_close(flip_margins(selection, selected), torch.tensor([[0.5, 0.3, 0.3, 0.6]]))
     # multiplicative bias: d selection / d b_i = s_i, so the margins are divided by the scores
     scores = torch.tensor([[0.5, 0.25, 0.5, 0.2]])
-    torch.testing.assert_close(flip_margins(selection, selected, 2, scores),
+    torch.testing.assert_close(flip_margins(selection, selected, slope_TE=scores),
                                torch.tensor([[1.0, 1.2, 0.6, 3.0]]))
     # top_k == E: nothing can ever flip; -inf (masked group) entries never flip either
-    assert torch.isinf(flip_margins(selection, torch.ones_like(selected), 4)).all()
+    assert torch.isinf(flip_margins(selection, torch.ones_like(selected))).all()
     masked = torch.tensor([[0.9, float("-inf"), 0.4, 0.1]])
-    m = flip_margins(masked, select_top_k(masked, 1), 1)
+    m = flip_margins(masked, select_top_k(masked, 1))
     assert torch.isinf(m[0, 1]) and m[0, 0] == pytest.approx(0.5)
 
 

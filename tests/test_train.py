@@ -503,11 +503,13 @@ def _one_layer(bias):
     from types import SimpleNamespace
 
     from moe_balance.balancing import LossFreeBalancer
-    from moe_balance.config import LossFree
+    from moe_balance.config import LossFree, RouterConfig
+    from moe_balance.routing import TopKRouter
 
     balancer = LossFreeBalancer(LossFree(), 2)
     balancer.expert_bias.copy_(torch.tensor(bias))
-    return SimpleNamespace(moe_layers=[SimpleNamespace(balancers=[balancer], config=SimpleNamespace(top_k=1))])
+    return SimpleNamespace(moe_layers=[SimpleNamespace(balancers=[balancer], config=SimpleNamespace(top_k=1),
+                                                       router=TopKRouter(4, 2, 1, RouterConfig()))])
 
 
 def test_batch_floor_is_zero_when_each_window_is_balanced_and_the_final_bias_is_not():

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import controller
-from .config import AuxLoss, BalancerSpec, LossFree, ZLoss
+from .config import AuxLoss, BalancerSpec, DynamicLoss, LossFree, ZLoss
 from .routing import RoutingDecision
 
 
@@ -76,7 +76,9 @@ def sequence_aux_loss(scores_BSE: torch.Tensor, selected_BSK: torch.Tensor,
     """DeepSeek-V3 sequence-wise balance loss (eqs. 17-20), averaged over the B sequences.
 
     Per sequence: N/(K*S) * sum_i count_i * P_i with P over that sequence's tokens, i.e. the
-    Switch loss computed on each sequence alone. Sequences that are all padding are skipped.
+    Switch loss computed on each sequence alone; K*S is the sequence's number of assignments
+    (its filled slots, for routers with a variable number of experts per token, -1 marking an
+    empty slot). Sequences that are all padding are skipped.
     """
     B, S, E = scores_BSE.shape
     K = selected_BSK.shape[-1]
@@ -84,13 +86,22 @@ def sequence_aux_loss(scores_BSE: torch.Tensor, selected_BSK: torch.Tensor,
     valid_BS = _valid(token_mask_BS, probs_BSE)
     n_valid_B = valid_BS.sum(1)
     p_BE = (probs_BSE * valid_BS.unsqueeze(-1)).sum(1) / n_valid_B.clamp_min(1).unsqueeze(-1)
+    filled_BSK = (selected_BSK >= 0).to(probs_BSE.dtype) * valid_BS.unsqueeze(-1)
     counts_BE = torch.zeros(B, E, dtype=probs_BSE.dtype, device=probs_BSE.device)
-    counts_BE.scatter_add_(1, selected_BSK.clamp_min(0).reshape(B, S * K),
-                           valid_BS.repeat_interleave(K, dim=1))
-    f_BE = counts_BE / (K * n_valid_B).clamp_min(1).unsqueeze(-1)
+    counts_BE.scatter_add_(1, selected_BSK.clamp_min(0).reshape(B, S * K), filled_BSK.reshape(B, S * K))
+    f_BE = counts_BE / filled_BSK.sum((1, 2)).clamp_min(1).unsqueeze(-1)
     per_seq_B = E * (f_BE * p_BE).sum(-1)
     has_tokens_B = n_valid_B > 0
     return per_seq_B[has_tokens_B].mean() if has_tokens_B.any() else per_seq_B.sum() * 0
+
+
+def dynamic_loss(scores_TE: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Huang et al. 2024's dynamic loss (eq. 6): mean_t -sum_i P_{t,i} log P_{t,i}, the entropy
+    of each token's scores normalised over the experts."""
+    probs_TE = normalized_probs(scores_TE)
+    entropy_T = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(-1)
+    valid_T = _valid(token_mask_T, scores_TE)
+    return (entropy_T * valid_T).sum() / valid_T.sum().clamp_min(1)
 
 
 def z_loss(logits_TE: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,10 +113,12 @@ def z_loss(logits_TE: torch.Tensor, token_mask_T: torch.Tensor | None = None) ->
 
 def expert_counts(selected_TK: torch.Tensor, num_experts: int,
                   token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
-    """(E,) int64 number of tokens that chose each expert (padding rows left out)."""
+    """(E,) int64 number of tokens that chose each expert (padding rows and empty slots, -1,
+    left out)."""
     if token_mask_T is not None:
         selected_TK = selected_TK[token_mask_T]
-    return torch.bincount(selected_TK.reshape(-1), minlength=num_experts)
+    selected_A = selected_TK.reshape(-1)
+    return torch.bincount(selected_A[selected_A >= 0], minlength=num_experts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,13 +203,11 @@ class LossFreeBalancer(Balancer):
             return None
         scores_TE = decision.scores.detach()
         selection_TE = router.selection(scores_TE, self.expert_bias, self.multiplicative)
-        T, E = scores_TE.shape
-        valid_T = decision.selected[:, 0] >= 0  # padding rows were marked -1
-        selected_TE = torch.zeros(T, E, dtype=torch.bool, device=scores_TE.device)
-        selected_TE.scatter_(1, decision.selected.clamp_min(0), True)
-        margins_TE = controller.flip_margins(selection_TE, selected_TE, decision.selected.shape[-1],
+        selected_TE = decision.selected_mask()
+        margins_TE = controller.flip_margins(selection_TE, selected_TE, router.competition_groups,
                                              scores_TE if self.multiplicative else None)
-        margins_TE = margins_TE.masked_fill(~valid_T.unsqueeze(-1), float("inf"))
+        if decision.token_mask is not None:
+            margins_TE = margins_TE.masked_fill(~decision.token_mask.unsqueeze(-1), float("inf"))
         return controller.margin_histograms(margins_TE, selected_TE, self.margin_edges)
 
     def observe(self, counts_E: torch.Tensor, stats: torch.Tensor | None = None) -> None:
@@ -273,7 +284,7 @@ class AuxLossBalancer(Balancer):
                 normalized_probs(decision.scores), decision.routed_tokens_per_expert, mask_T)
         elif scope == "sequence":
             S = batch_shape[-1] if batch_shape else 1  # (..., S) sequences; 1-D input: one sequence
-            E, K = decision.num_experts, decision.selected.shape[-1]
+            E, K = decision.num_experts, decision.selected.shape[-1]  # K: slots, -1 when empty
             value = sequence_aux_loss(
                 decision.scores.view(-1, S, E), decision.selected.view(-1, S, K),
                 None if mask_T is None else mask_T.view(-1, S))
@@ -302,7 +313,20 @@ class ZLossBalancer(Balancer):
         return self.spec.coeff * z_loss(decision.logits, decision.token_mask)
 
 
-_BUILDERS = {LossFree: LossFreeBalancer, AuxLoss: AuxLossBalancer, ZLoss: ZLossBalancer}
+class DynamicLossBalancer(Balancer):
+    """Dynamic top-p's entropy penalty: coeff * mean_t H(P_t) (Huang et al. 2024, eq. 6)."""
+
+    def __init__(self, spec: DynamicLoss, num_experts: int):
+        super().__init__()
+        self.spec = spec
+
+    def loss(self, decision: RoutingDecision, batch_shape: torch.Size) -> torch.Tensor:
+        return self.spec.coeff * dynamic_loss(decision.scores, decision.token_mask)
+
+
+_BUILDERS = {LossFree: LossFreeBalancer, AuxLoss: AuxLossBalancer, ZLoss: ZLossBalancer,
+             DynamicLoss: DynamicLossBalancer}
+_LOSS_NAMES = {ZLoss: "z_loss", DynamicLoss: "dynamic_loss"}
 
 
 def build_balancer(spec: BalancerSpec, num_experts: int) -> Balancer:
@@ -312,7 +336,7 @@ def build_balancer(spec: BalancerSpec, num_experts: int) -> Balancer:
 
 def loss_name(spec: BalancerSpec) -> str:
     """Key of a balancer's loss in ``MoEOutput.losses``."""
-    return f"aux_loss/{spec.scope}" if isinstance(spec, AuxLoss) else "z_loss"
+    return f"aux_loss/{spec.scope}" if isinstance(spec, AuxLoss) else _LOSS_NAMES.get(type(spec), "loss_free")
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """The adaptive Loss-Free bias controller: a per-expert Newton step with a noise-adaptive gain.
 
-Shape legend: T tokens, E experts, K top_k, B margin-histogram bins.
+Shape legend: T tokens, E experts, K top_k, G competition groups, B margin-histogram bins.
 
 The paper's sign rule moves every bias by a constant +/-u. Han and Zhong (2025, arXiv
 2512.03915) read that update as a dual (sub)gradient step on the experts' capacity
@@ -47,6 +47,7 @@ from __future__ import annotations
 import torch
 
 from .metrics import max_vio
+from .routing import Router
 
 NUM_BINS = 32
 MIN_STEP_FRACTION = 1e-4  # the first bin edge, as a fraction of max_step
@@ -60,21 +61,27 @@ def margin_edges(max_step: float, num_bins: int = NUM_BINS, device=None) -> torc
                           dtype=torch.float64, device=device)
 
 
-def flip_margins(selection_TE: torch.Tensor, selected_TE: torch.Tensor, top_k: int,
+def flip_margins(selection_TE: torch.Tensor, selected_TE: torch.Tensor, groups: int = 1,
                  slope_TE: torch.Tensor | None = None) -> torch.Tensor:
     """(T, E) bias change each (token, expert) needs to flip: >= 0, inf where it never flips.
 
-    selection_TE: the (biased) scores top-K was taken on, -inf for ineligible experts.
-    selected_TE: bool, the K experts each token chose. slope_TE: d selection / d bias
-    (None = 1, the additive bias; the scores for the multiplicative one).
+    selection_TE: the (biased) scores the choice was made on, -inf for ineligible experts.
+    selected_TE: bool, the experts each token chose (any number per token: top-K, top-p).
+    groups: the experts compete for a token's slots in this many equal groups of consecutive
+    experts (1 for top-K and top-p; M for Mixture of Grouped Experts, which fills each group
+    separately). A selected expert flips out when its selection falls below the best unselected
+    one of its group; an unselected one flips in when it rises above the worst selected one.
+    slope_TE: d selection / d bias (None = 1, the additive bias; the scores for the
+    multiplicative one).
     """
     T, E = selection_TE.shape
-    if top_k >= E:  # every expert always selected: no bias can change anything
-        return torch.full_like(selection_TE, float("inf"))
-    values_TK1 = selection_TE.topk(top_k + 1, dim=-1).values
-    worst_selected_T, best_unselected_T = values_TK1[:, top_k - 1], values_TK1[:, top_k]
-    margins_TE = torch.where(selected_TE, selection_TE - best_unselected_T.unsqueeze(-1),
-                             worst_selected_T.unsqueeze(-1) - selection_TE)
+    selection_TGe = selection_TE.view(T, groups, E // groups)
+    selected_TGe = selected_TE.view(T, groups, E // groups)
+    inf = float("inf")
+    worst_selected_TG1 = selection_TGe.masked_fill(~selected_TGe, inf).amin(-1, keepdim=True)
+    best_unselected_TG1 = selection_TGe.masked_fill(selected_TGe, -inf).amax(-1, keepdim=True)
+    margins_TE = torch.where(selected_TGe, selection_TGe - best_unselected_TG1,
+                             worst_selected_TG1 - selection_TGe).view(T, E)
     if slope_TE is not None:
         margins_TE = margins_TE / slope_TE.clamp_min(1e-12)
     margins_TE = margins_TE.clamp_min(0)
@@ -157,26 +164,33 @@ def select_top_k(selection_TE: torch.Tensor, top_k: int) -> torch.Tensor:
 @torch.no_grad()
 def solve_static_bias(scores_TE: torch.Tensor, top_k: int, *, multiplicative: bool = False,
                       iterations: int = 100, max_step: float = 1.0, patience: int = 15,
-                      initial_bias_E: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+                      initial_bias_E: torch.Tensor | None = None,
+                      router: Router | None = None) -> tuple[torch.Tensor, float]:
     """The best single bias vector for fixed scores: (bias (E,), MaxVio it reaches).
 
     Iterates the Newton step on the whole set, the gain 1/2 for the first 40 iterations and
     then decaying, and keeps the best MaxVio seen (stopping after ``patience`` iterations
     without improvement): an upper bound on the floor, reached to about 1e-3 on the quick
-    preset's validation set. Used for the static-bias floor.
+    preset's validation set. Used for the static-bias floor. ``router``: the layer's router,
+    whose selection and choice rule are used (top-p, grouped, group-limited top-K); None is
+    plain top-K with ``top_k``.
     """
     scores_TE = scores_TE.float()
     T, E = scores_TE.shape
+    if router is None and top_k >= E:  # every expert always selected: nothing to balance
+        return (torch.ones(E) if multiplicative else torch.zeros(E)), 0.0
+    groups = 1 if router is None else router.competition_groups
     bias_E = (torch.ones(E) if multiplicative else torch.zeros(E)) if initial_bias_E is None \
         else initial_bias_E.detach().float().cpu().clone()
     edges_B = margin_edges(max_step)
     best_bias, best, since_best = bias_E.clone(), float("inf"), 0
     for it in range(iterations):
-        selection_TE = scores_TE * bias_E if multiplicative else scores_TE + bias_E
-        if top_k >= E:
-            return bias_E, 0.0
-        values_TK1, indices_TK1 = selection_TE.topk(top_k + 1, dim=-1)
-        selected_TE = torch.zeros(T, E, dtype=torch.bool).scatter_(1, indices_TK1[:, :top_k], True)
+        if router is None:
+            selection_TE = scores_TE * bias_E if multiplicative else scores_TE + bias_E
+            selected_TE = select_top_k(selection_TE, top_k)
+        else:
+            selection_TE = router.selection(scores_TE, bias_E, multiplicative)
+            selected_TE = router.select_mask(selection_TE, scores_TE)
         counts_E = selected_TE.sum(0)
         vio = float(max_vio(counts_E))
         if vio < best:
@@ -185,11 +199,8 @@ def solve_static_bias(scores_TE: torch.Tensor, top_k: int, *, multiplicative: bo
             since_best += 1
         if best * float(counts_E.double().mean()) <= 1.0 or since_best >= patience:
             break  # within one token of perfect (the metric's resolution), or stuck
-        margins_TE = torch.where(selected_TE, selection_TE - values_TK1[:, top_k:],
-                                 values_TK1[:, top_k - 1:top_k] - selection_TE)
-        if multiplicative:
-            margins_TE = margins_TE / scores_TE.clamp_min(1e-12)
-        hist = margin_histograms(margins_TE.clamp_min(0), selected_TE, edges_B)
+        margins_TE = flip_margins(selection_TE, selected_TE, groups, scores_TE if multiplicative else None)
+        hist = margin_histograms(margins_TE, selected_TE, edges_B)
         gain = 0.5 / (1 + max(0, it - 40) / 10)
         bias_E = bias_E + newton_step(counts_E, hist, edges_B, gain, max_step).float()
         if multiplicative:

@@ -20,7 +20,7 @@ from .balancing import LossFreeBalancer, build_balancer, loss_name
 from .config import MoEConfig
 from .dispatch import permute, unpermute
 from .experts import SwiGLU, SwiGLUExperts
-from .routing import RoutingDecision, TopKRouter
+from .routing import RoutingDecision, build_router
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.router = TopKRouter(c.d_model, c.num_experts, c.top_k, c.router)
+        self.router = build_router(c.d_model, c.num_experts, c.top_k, c.router)
         self.experts = SwiGLUExperts(c.num_experts, c.d_model, c.expert_hidden_size, c.expert_impl)
         # k shared SwiGLU experts summed == one SwiGLU with k times the hidden width.
         self.shared_experts = None

@@ -31,7 +31,7 @@ from ._optional import require
 from .balancing import LossFreeBalancer, discard_pending_counts, update_balancers
 from .checkpoint import atomic_write, latest_valid_checkpoint, remove_orphan_temporaries, save_checkpoint
 from .config import is_number
-from .controller import select_top_k, solve_static_bias
+from .controller import solve_static_bias
 from .data import TokenizedCorpus, prepare_corpus
 from .methods import get_method
 from .metrics import LoadAccumulator, coefficient_of_variation, dead_experts, max_vio
@@ -269,7 +269,7 @@ def _best_static_bias(layer, scores_TE: torch.Tensor) -> tuple[torch.Tensor, flo
     quick), warm started from the layer's own bias."""
     bias_E, multiplicative = _layer_bias(layer)
     return solve_static_bias(scores_TE[::-(-scores_TE.shape[0] // FLOOR_TOKENS)], layer.config.top_k,
-                             multiplicative=multiplicative, initial_bias_E=bias_E)
+                             multiplicative=multiplicative, initial_bias_E=bias_E, router=layer.router)
 
 
 def batch_balance(model: MoETransformer, scores_per_layer: list[torch.Tensor], *, seq_len: int,
@@ -296,9 +296,8 @@ def batch_balance(model: MoETransformer, scores_per_layer: list[torch.Tensor], *
         best_bias, _ = _best_static_bias(layer, scores_TE)
         per_bias = []
         for bias_E in (final_bias, best_bias):
-            selection = scores_TE if bias_E is None else (
-                scores_TE * bias_E if multiplicative else scores_TE + bias_E)
-            counts_WE = select_top_k(selection, layer.config.top_k).view(W, seq_len, E).sum(1)
+            selection = layer.router.selection(scores_TE, bias_E, multiplicative)
+            counts_WE = layer.router.select_mask(selection, scores_TE).view(W, seq_len, E).sum(1)
             counts_NE = counts_WE[order].view(batches, batch_windows, E).sum(1)
             per_bias.append(float(max_vio(counts_NE).mean()))
         finals.append(per_bias[0])
