@@ -9,10 +9,19 @@ from moe_balance.methods import list_methods
 def test_methods_lists_every_registered_method(capsys):
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == [m.name for m in list_methods()]
+    names = [line.split()[0] for line in lines if not line.startswith(" ")]
+    assert names == [m.name for m in list_methods()]
     for required in ("no_balance", "aux_loss", "aux_loss_1e-2", "seq_aux", "global_aux", "loss_free",
-                     "deepseek_v3"):
-        assert required in [line.split()[0] for line in lines]
+                     "deepseek_v3", "expert_choice", "top_p", "top_p_loss_free", "moge", "moge_loss_free"):
+        assert required in names
+    # each method's paper, on the line under it
+    references = {name: line.split("reference: ", 1)[1]
+                  for name, line in zip(lines, lines[1:]) if line.lstrip().startswith("reference: ")}
+    references = {name.split()[0]: ref for name, ref in references.items()}
+    assert "arXiv 2202.09368" in references["expert_choice"]
+    assert "arXiv 2403.07652" in references["top_p"] and "arXiv 2408.15664" in references["top_p_loss_free"]
+    assert "arXiv 2505.21411" in references["moge"]
+    assert set(references) == set(names)
 
 
 def test_params_of_the_paper_1b_preset(capsys):
@@ -32,9 +41,11 @@ def test_sweep_runs_the_papers_ablations():
                                             "loss_free_u1e-2", "loss_free_error", "loss_free_adaptive"]
     assert _sweep_methods("form") == ["loss_free_u1e-3", "loss_free_mult", "loss_free_adaptive",
                                       "loss_free_adaptive_mult"]
+    assert _sweep_methods("routers") == ["aux_loss", "loss_free_adaptive", "expert_choice", "top_p",
+                                         "top_p_loss_free", "moge", "moge_loss_free"]
     everything = _sweep_methods("all")
     # each recipe once: aux_loss == aux_loss_1e-3 and loss_free == loss_free_u1e-3
-    assert len(everything) == len(set(everything)) == 11
+    assert len(everything) == len(set(everything)) == 16
     assert "aux_loss" not in everything and "loss_free_u1e-3" not in everything  # first name kept
 
 

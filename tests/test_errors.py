@@ -190,6 +190,18 @@ CASES = {
     "grouped-mm-unaligned": lambda ctx: error_of(lambda: MoEConfig(d_model=6, num_experts=4, top_k=2,
                                                                    expert_hidden_size=16, expert_impl="grouped_mm")),
     "router-groups": lambda ctx: error_of(lambda: RouterConfig(num_groups=3)),
+    "router-method": lambda ctx: error_of(lambda: RouterConfig(method="switch")),
+    "router-field-of-other-method": lambda ctx: error_of(lambda: RouterConfig(top_p=0.5)),
+    "router-grouped-topk-groups": lambda ctx: error_of(lambda: RouterConfig(method="grouped", num_groups=2,
+                                                                            topk_groups=1)),
+    "router-shuffle-whole-batch": lambda ctx: error_of(lambda: RouterConfig(method="expert_choice",
+                                                                            shuffle_tokens=True)),
+    "moe-grouped-top-k": lambda ctx: error_of(lambda: MoEConfig(
+        d_model=8, num_experts=8, top_k=3, expert_hidden_size=16,
+        router=RouterConfig(method="grouped", num_groups=2))),
+    "moe-expert-choice-loss-free": lambda ctx: error_of(lambda: MoEConfig(
+        d_model=8, num_experts=8, top_k=2, expert_hidden_size=16, balancers=(LossFree(),),
+        router=RouterConfig(method="expert_choice"))),
     "balancers-list": lambda ctx: error_of(lambda: MoEConfig(d_model=8, num_experts=4, top_k=2,
                                                              expert_hidden_size=16, balancers=[LossFree()])),
     "train-lr-inf": lambda ctx: error_of(lambda: TrainConfig(lr=math.inf)),

@@ -163,11 +163,11 @@ def test_differences_from_baseline():
 def test_format_table():
     table = report.format_table(_rows())
     lines = table.splitlines()
-    assert lines[0] == ("| method | val PPL | MaxVio_global | static floor | MaxVio_train | MaxVio_batch | "
+    assert lines[0] == ("| method | val PPL | experts/token | MaxVio_global | static floor | MaxVio_train | MaxVio_batch | "
                         "batch floor | steps to balance | late std | seeds |")
     assert len(lines) == 2 + 2  # header, separator, one row per method
-    assert "| aux_loss | 11.00 ± 1.41 | 0.700 ± 0.141 | — | — | 1.500 ± 0.707 | — | 90; never in 1/2 | — | 2 |" in lines
-    assert "| loss_free | 9.00 | 0.050 | 0.010 | 0.040 | 0.200 | 0.150 | 40 | 0.050 | 1 |" in lines
+    assert "| aux_loss | 11.00 ± 1.41 | — | 0.700 ± 0.141 | — | — | 1.500 ± 0.707 | — | 90; never in 1/2 | — | 2 |" in lines
+    assert "| loss_free | 9.00 | — | 0.050 | 0.010 | 0.040 | 0.200 | 0.150 | 40 | 0.050 | 1 |" in lines
 
 
 def test_plots_return_none_without_data(tmp_path):

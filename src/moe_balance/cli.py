@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "methods":
             for m in list_methods():
-                print(f"{m.name:<20} {m.description}")
+                print(f"{m.name:<24} {m.description}")
+                if m.reference:
+                    print(f"{'':<24} reference: {m.reference}")
         elif args.command == "bench":
             from .bench import bench_experts, format_bench
 

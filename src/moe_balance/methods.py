@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import AuxLoss, BalancerSpec, BALANCER_SPECS, LossFree, MoEConfig, RouterConfig, ZLoss
+from .config import (AuxLoss, BalancerSpec, BALANCER_SPECS, DynamicLoss, LossFree, MoEConfig, RouterConfig,
+                     ZLoss)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,6 +24,13 @@ class Method:
     description: str
     balancers: tuple[BalancerSpec, ...] = ()
     router: RouterConfig = field(default_factory=RouterConfig)
+    reference: str = ""
+
+    @property
+    def leaks_future(self) -> bool:
+        """True when the router reads later tokens (expert choice): in a causal LM its loss and
+        perplexity are not comparable with the other methods."""
+        return self.router.method == "expert_choice"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.name, str) and self.name):
@@ -32,7 +40,10 @@ class Method:
         if not (isinstance(self.balancers, tuple)
                 and all(isinstance(s, BALANCER_SPECS) for s in self.balancers)):
             raise ValueError(f"Method.balancers={self.balancers!r} must be a tuple of "
-                             "LossFree, AuxLoss or ZLoss specs")
+                             "LossFree, AuxLoss, ZLoss or DynamicLoss specs")
+        if self.leaks_future and any(isinstance(s, LossFree) for s in self.balancers):
+            raise ValueError(f"Method {self.name!r}: LossFree does not apply to expert-choice routing, "
+                             "which is balanced by construction; remove the LossFree balancer")
 
     def moe_config(self, **layer) -> MoEConfig:
         """A ``MoEConfig`` with this method's router and balancers; ``layer`` gives the rest
@@ -78,9 +89,20 @@ def _tag(x: float) -> str:
 # Recipes
 # --------------------------------------------------------------------------------------------
 
+LOSS_FREE_PAPER = ('Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts", '
+                   "arXiv 2408.15664")
+SWITCH_PAPER = "Fedus et al. 2021, Switch Transformers, arXiv 2101.03961 (eq. 4); GShard, arXiv 2006.16668"
+DEEPSEEK_V3_PAPER = "DeepSeek-AI 2024, DeepSeek-V3 Technical Report, arXiv 2412.19437 (sec. 2.1.2)"
+GLOBAL_BATCH_PAPER = 'Qiu et al. 2025, "Demons in the Detail", arXiv 2501.11873'
+ST_MOE_PAPER = "Zoph et al. 2022, ST-MoE, arXiv 2202.08906 (eq. 5)"
+EXPERT_CHOICE_PAPER = 'Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing", arXiv 2202.09368'
+TOP_P_PAPER = 'Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic Routing in MoE Models", arXiv 2403.07652'
+MOGE_PAPER = 'Tang et al. 2025, "Pangu Pro MoE: Mixture of Grouped Experts", arXiv 2505.21411'
+MOGE_GROUPS = 2  # divides every preset's num_experts (8, 32, 64) and top_k (2, 4, 6)
+
 def no_balance() -> Method:
     return Method(name="no_balance", description="No balancing: plain top-K over sigmoid scores "
-                  "(shows routing collapse).")
+                  "(shows routing collapse).", reference=LOSS_FREE_PAPER)
 
 
 def aux_loss(coeff: float = 1e-3, scope: str = "micro_batch", name: str | None = None) -> Method:
@@ -90,7 +112,8 @@ def aux_loss(coeff: float = 1e-3, scope: str = "micro_batch", name: str | None =
         description=f"Auxiliary loss alpha={coeff:g} over the {scope.replace('_', ' ')}, sigmoid "
                     "gate" + (" (the Loss-Free paper's baseline)" if (coeff, scope) == (1e-3, "micro_batch") else "")
                     + ("; alpha=0 routes exactly like no_balance" if coeff == 0 else "") + ".",
-        balancers=(AuxLoss(coeff=coeff, scope=scope),))
+        balancers=(AuxLoss(coeff=coeff, scope=scope),),
+        reference={"micro_batch": SWITCH_PAPER, "sequence": DEEPSEEK_V3_PAPER, "global_batch": GLOBAL_BATCH_PAPER}[scope])
 
 
 def loss_free(update_rate: float = 1e-3, rule: str = "sign", name: str | None = None,
@@ -102,7 +125,7 @@ def loss_free(update_rate: float = 1e-3, rule: str = "sign", name: str | None = 
         name=name or f"loss_free_u{_tag(update_rate)}",
         description=f"Loss-Free Balancing, u={update_rate:g}: after each step b_i += {formula}; "
                     f"{selection}; sigmoid gate.",
-        balancers=(LossFree(update_rate=update_rate, rule=rule, form=form),))
+        balancers=(LossFree(update_rate=update_rate, rule=rule, form=form),), reference=LOSS_FREE_PAPER)
 
 
 def loss_free_adaptive(name: str = "loss_free_adaptive", form: str = "additive") -> Method:
@@ -115,7 +138,7 @@ def loss_free_adaptive(name: str = "loss_free_adaptive", form: str = "additive")
                     "nearest its top-K threshold), the gain high while those steps keep their sign "
                     f"and low while they are noise; top-K on score {'* b' if form == 'multiplicative' else '+ b'}; "
                     "sigmoid gate.",
-        balancers=(spec,))
+        balancers=(spec,), reference=LOSS_FREE_PAPER + "; controller: moe_balance.controller")
 
 
 def deepseek_v3() -> Method:
@@ -129,14 +152,56 @@ def deepseek_v3() -> Method:
                     "K/2 at init): the effective gate scale differs from the other methods. "
                     "NOTE: group-limited routing and freezing u at the end are left to the run.",
         balancers=(LossFree(update_rate=1e-3), AuxLoss(coeff=1e-4, scope="sequence")),
-        router=RouterConfig(score_fn="sigmoid", normalize_weights=True, scaling_factor=2.5))
+        router=RouterConfig(score_fn="sigmoid", normalize_weights=True, scaling_factor=2.5),
+        reference=DEEPSEEK_V3_PAPER)
+
+
+def expert_choice(routing_batch_size: int | None = None, name: str = "expert_choice") -> Method:
+    """Expert Choice: each expert takes its top C = 2 T / E tokens (EC-CF2), softmax scores."""
+    shuffled = routing_batch_size is not None
+    return Method(
+        name=name,
+        description="Expert choice (capacity factor 2: each expert takes its best 2T/E tokens, a token "
+                    "gets 0..E experts, 2 on average); softmax scores, no balancer (balanced by "
+                    "construction). LEAKS FUTURE TOKENS in a causal LM: perplexity not comparable"
+                    + (f"; routed in shuffled groups of {routing_batch_size} tokens (the leak diluted, "
+                       "not removed)" if shuffled else "") + ".",
+        router=RouterConfig(method="expert_choice", score_fn="softmax", routing_batch_size=routing_batch_size,
+                            shuffle_tokens=shuffled),
+        reference=EXPERT_CHOICE_PAPER + (f"; shuffling: {LOSS_FREE_PAPER}, sec. 5.2" if shuffled else ""))
+
+
+def top_p(loss_free: bool = False) -> Method:
+    """Dynamic top-p routing, p = 0.4, softmax scores, with the paper's dynamic (entropy) loss."""
+    balance = LossFree(rule="adaptive") if loss_free else AuxLoss(coeff=1e-3)
+    return Method(
+        name="top_p_loss_free" if loss_free else "top_p",
+        description="Dynamic top-p (p=0.4): a token takes experts in descending softmax score until "
+                    "their mass reaches 0.4; dynamic loss 1e-4 (entropy); "
+                    + ("Loss-Free adaptive bias (picks which experts, never how many)." if loss_free
+                       else "auxiliary loss alpha=1e-3."),
+        router=RouterConfig(method="top_p", score_fn="softmax", top_p=0.4),
+        balancers=(balance, DynamicLoss(coeff=1e-4)),
+        reference=TOP_P_PAPER + (f"; bias: {LOSS_FREE_PAPER}" if loss_free else ""))
+
+
+def moge(loss_free: bool = False) -> Method:
+    """Mixture of Grouped Experts: K/M experts from each of M = 2 groups, sigmoid scores."""
+    return Method(
+        name="moge_loss_free" if loss_free else "moge",
+        description=f"Mixture of Grouped Experts: experts in {MOGE_GROUPS} equal groups, each token takes "
+                    f"top_k/{MOGE_GROUPS} in every group (equal group loads by construction); sigmoid gate; "
+                    + ("Loss-Free adaptive bias within groups." if loss_free else "auxiliary loss alpha=1e-3."),
+        router=RouterConfig(method="grouped", num_groups=MOGE_GROUPS),
+        balancers=(LossFree(rule="adaptive"),) if loss_free else (AuxLoss(coeff=1e-3),),
+        reference=MOGE_PAPER + (f"; bias: {LOSS_FREE_PAPER}" if loss_free else ""))
 
 
 def z_loss() -> Method:
     """ST-MoE: router z-loss beside the auxiliary loss."""
     return Method(name="z_loss", description="Router z-loss 1e-3 (ST-MoE) + auxiliary loss "
                   "alpha=1e-3 over the micro-batch, sigmoid gate.",
-                  balancers=(ZLoss(coeff=1e-3), AuxLoss(coeff=1e-3)))
+                  balancers=(ZLoss(coeff=1e-3), AuxLoss(coeff=1e-3)), reference=ST_MOE_PAPER)
 
 
 for _method in (
@@ -153,16 +218,20 @@ for _method in (
     loss_free_adaptive(name="loss_free_adaptive_mult", form="multiplicative"),
     deepseek_v3(),
     z_loss(),
+    expert_choice(),
+    expert_choice(routing_batch_size=512, name="expert_choice_shuffled"),
+    top_p(), top_p(loss_free=True),
+    moge(), moge(loss_free=True),
 ):
     register_method(_method)
 
 # The paper's softmax-gate ablation of both methods.
 register_method(Method(name="aux_loss_softmax", description="Auxiliary loss alpha=1e-3 over the "
                        "micro-batch, softmax gate.", balancers=(AuxLoss(coeff=1e-3),),
-                       router=RouterConfig(score_fn="softmax")))
+                       router=RouterConfig(score_fn="softmax"), reference=LOSS_FREE_PAPER))
 register_method(Method(name="loss_free_softmax", description="Loss-Free Balancing u=1e-3, sign "
                        "rule, softmax gate.", balancers=(LossFree(update_rate=1e-3),),
-                       router=RouterConfig(score_fn="softmax")))
+                       router=RouterConfig(score_fn="softmax"), reference=LOSS_FREE_PAPER))
 
 SWEEPS: dict[str, list[Method]] = {
     # The paper's update-rate ablation: 1e-4 balances too slowly early, 1e-2 oscillates late.
@@ -176,4 +245,7 @@ SWEEPS: dict[str, list[Method]] = {
     # The paper's additive vs multiplicative bias, for the sign rule and the adaptive controller.
     "form": [get_method(n) for n in ("loss_free_u1e-3", "loss_free_mult", "loss_free_adaptive",
                                      "loss_free_adaptive_mult")],
+    # The routers that balance differently, beside top-K with the aux loss and with Loss-Free.
+    "routers": [get_method(n) for n in ("aux_loss", "loss_free_adaptive", "expert_choice", "top_p",
+                                        "top_p_loss_free", "moge", "moge_loss_free")],
 }

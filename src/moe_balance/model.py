@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import BalancerSpec, MoEConfig, RouterConfig
 from .experts import SwiGLU
 from .moe import MoE
+from .routing import ExpertChoiceRouter
 
 IGNORE_INDEX = -100
 
@@ -188,6 +189,9 @@ class MoETransformer(nn.Module):
         cos_SR, sin_SR = rope_cache(config.seq_len, config.head_dim, config.rope_theta)
         self.register_buffer("rope_cos", cos_SR, persistent=False)
         self.register_buffer("rope_sin", sin_SR, persistent=False)
+        for layer in self.moe_layers:  # a causal LM: expert choice reads the future, say so
+            if isinstance(layer.router, ExpertChoiceRouter):
+                layer.router.causal = True
         self.init_weights()
 
     @torch.no_grad()
@@ -252,6 +256,8 @@ class MoETransformer(nn.Module):
         total: every parameter. activated: the parameters one token uses: everything except
         the num_experts - top_k routed experts it skips in each MoE layer (attention, norms,
         dense FFNs, routers, shared experts and top_k routed experts), embeddings included.
+        For routers with a variable number of experts per token (top-p, expert choice) top_k
+        is the nominal budget; the measured mean is in the harness's ``experts_per_token``.
         embedding: token embedding plus the LM head when untied. ``*_non_embedding``: the
         same two counts without the embedding.
         """

@@ -23,7 +23,7 @@ PAPER_RESULTS: list[dict] = [
     {"model": "3B, 200B tokens", "method": "loss_free (u=1e-3)", "val_ppl": 7.92, "maxvio_global": 0.04},
 ]
 
-_AGG_KEYS = ("val_ppl", "maxvio_global", "maxvio_static_floor", "maxvio_train_windows", "maxvio_batch",
+_AGG_KEYS = ("val_ppl", "experts_per_token", "maxvio_global", "maxvio_static_floor", "maxvio_train_windows", "maxvio_batch",
              "maxvio_batch_floor", "maxvio_batch_late_std", "val_loss")
 
 BALANCE_THRESHOLD, BALANCE_HOLD = 0.5, 20
@@ -114,6 +114,9 @@ def summarize_run(run_dir, *, method: str, seed: int, wall_seconds: float, train
         "wall_seconds": wall_seconds,
         "tokens_per_second": train_tokens / wall_seconds,
         "final_loss": losses[-1] if losses else None,
+        "experts_per_token": ev.get("experts_per_token"),
+        "experts_per_token_hist": ev.get("experts_per_token_hist"),
+        "leaks_future": bool(ev.get("leaks_future", False)),
         "run_dir": Path(run_dir).name,
     }
 
@@ -132,7 +135,7 @@ def aggregate(results: list[dict]) -> list[dict]:
         by_method.setdefault(row["method"], []).append(row)
     out = []
     for method, rows in by_method.items():
-        agg = {"method": method, "n_seeds": len(rows)}
+        agg = {"method": method, "n_seeds": len(rows), "leaks_future": any(r.get("leaks_future") for r in rows)}
         balanced = [r.get("steps_to_balance") for r in rows]
         agg["steps_to_balance"] = balanced
         for key in _AGG_KEYS:
@@ -174,14 +177,19 @@ def _fmt_balance_steps(values: list) -> str:
     return f"{reached[0]:.0f}"
 
 
-TABLE_HEADER = ["method", "val PPL", "MaxVio_global", "static floor", "MaxVio_train", "MaxVio_batch",
+LEAK_MARK = "†"
+LEAK_NOTE = (f"{LEAK_MARK} Expert choice reads later tokens of each sequence to route a token (future-token "
+             "leakage in a causal LM): its perplexity is not comparable with the other methods.")
+
+TABLE_HEADER = ["method", "val PPL", "experts/token", "MaxVio_global", "static floor", "MaxVio_train", "MaxVio_batch",
                 "batch floor", "steps to balance", "late std", "seeds"]
 
 
 def format_table(results: list[dict]) -> str:
     """Markdown table of aggregate(results), one row per method."""
     rows = [
-        [a["method"], _fmt_stat(a, "val_ppl", 2), _fmt_stat(a, "maxvio_global", 3),
+        [a["method"], _fmt_stat(a, "val_ppl", 2) + (f" {LEAK_MARK}" if a["leaks_future"] else ""),
+         _fmt_stat(a, "experts_per_token", 2), _fmt_stat(a, "maxvio_global", 3),
          _fmt_stat(a, "maxvio_static_floor", 3), _fmt_stat(a, "maxvio_train_windows", 3),
          _fmt_stat(a, "maxvio_batch", 3), _fmt_stat(a, "maxvio_batch_floor", 3),
          _fmt_balance_steps(a["steps_to_balance"]), _fmt_stat(a, "maxvio_batch_late_std", 3),
@@ -241,6 +249,31 @@ def _per_run_table(results: list[dict]) -> str:
     header = ["method", "seed", "val PPL", "MaxVio_global", "static floor", "MaxVio_train", "MaxVio_batch",
               "batch floor", "steps to balance", "late std", "tokens/s", "wall s"]
     return _markdown_table(header, rows)
+
+
+EXPERT_BUCKETS = ((0, 0), (1, 1), (2, 2), (3, 4), (5, 8), (9, None))
+
+
+def experts_per_token_table(results: list[dict]) -> str | None:
+    """Share of tokens (all layers, all seeds) by number of experts chosen, per method; None
+    when no run recorded the distribution."""
+    by_method: dict[str, np.ndarray] = {}
+    for r in results:
+        hist = r.get("experts_per_token_hist")
+        if hist:
+            h = np.asarray(hist, dtype=float)
+            prev = by_method.get(r["method"])
+            by_method[r["method"]] = h if prev is None else prev + h
+    if not by_method:
+        return None
+    rows = []
+    for method, h in by_method.items():
+        share = h / max(h.sum(), 1.0)
+        mean = float((share * np.arange(len(h))).sum())
+        cells = [f"{100 * share[lo:(len(h) if hi is None else hi + 1)].sum():.1f}%" for lo, hi in EXPERT_BUCKETS]
+        rows.append([method, f"{mean:.2f}", *cells, str(int(np.flatnonzero(h).max()) if h.any() else 0)])
+    labels = [str(lo) if lo == hi else (f"{lo}+" if hi is None else f"{lo}-{hi}") for lo, hi in EXPERT_BUCKETS]
+    return _markdown_table(["method", "mean", *labels, "max"], rows)
 
 
 def _paper_table() -> str:
@@ -500,8 +533,9 @@ _EXPLANATION = (
     "batch's own content moves its loads this much whatever bias earlier batches chose, so no causal "
     "controller's MaxVio_batch can go much below it; **steps to balance**, the first step from which "
     f"MaxVio_batch stays below {BALANCE_THRESHOLD} for {BALANCE_HOLD} steps; **late std**, the std of "
-    "MaxVio_batch over the last 25% of steps (late oscillation). Validation perplexity is "
-    "exp(validation loss). Lower is better for every column."
+    "MaxVio_batch over the last 25% of steps (late oscillation); **experts/token**, the mean number "
+    "of routed experts a validation token took (its routed compute; top-K: exactly K). Validation "
+    "perplexity is exp(validation loss). Lower is better for every column but experts/token."
 )
 
 
@@ -518,12 +552,21 @@ def _report_markdown(results: list[dict], plots: dict[str, Path], meta: dict) ->
         "# Auxiliary-Loss-Free Load Balancing: reproduction report",
         _EXPLANATION,
         "## Our results",
-        "Mean ± sample standard deviation over seeds.\n\n" + format_table(results),
+        "Mean ± sample standard deviation over seeds.\n\n" + format_table(results)
+        + ("\n\n" + LEAK_NOTE if any(r.get("leaks_future") for r in results) else ""),
         "### Differences from the first method",
         "Difference of the seed means; it exceeds the seed noise when larger than twice its "
         "standard error.\n\n" + _differences_table(results),
         "### Per run",
         _per_run_table(results),
+    ]
+    experts = experts_per_token_table(results)
+    if experts is not None:
+        parts += ["### Experts per token",
+                  "Share of validation tokens (over layers and seeds) by the number of routed experts "
+                  "they took: fixed for top-K and grouped routing, variable for top-p and expert "
+                  "choice (0: only the residual and shared experts carry the token).\n\n" + experts]
+    parts += [
         "## The paper's Table 1 (for reference)",
         "Numbers reported by Wang et al. (2024) for 1B and 3B models trained on 100B-200B tokens. "
         "They are **not comparable in absolute terms** with the small runs above; compare the "

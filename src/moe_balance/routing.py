@@ -357,7 +357,7 @@ class ExpertChoiceRouter(Router):
             warnings.warn("expert-choice routing in a causal model: each token's routing depends on "
                           "later tokens of its sequence (future-token leakage), so its loss and "
                           "perplexity are not comparable with token-choice routers",
-                          CausalLeakWarning, stacklevel=4)
+                          CausalLeakWarning, stacklevel=2)
         T, E = selection_TE.shape
         cfg = self.config
         valid_T = torch.ones(T, dtype=torch.bool, device=selection_TE.device) if token_mask_T is None \

@@ -194,7 +194,14 @@ def evaluate(model: MoETransformer, corpus: TokenizedCorpus, cfg: TrainConfig) -
     per_domain = {d: LoadAccumulator(layers, experts) for d in corpus.domains}
     loss_sum, token_count = 0.0, 0
     scores = [[] for _ in model.moe_layers]  # each layer's (T, E) validation scores
-    hooks = [layer.register_forward_hook(lambda mod, args, out, i=i: scores[i].append(out.decision.scores.cpu()))
+    # tokens by number of experts chosen (0..E), summed over layers: top-p and expert choice vary
+    experts_hist = torch.zeros(experts + 1, dtype=torch.int64)
+
+    def record(i, decision):
+        scores[i].append(decision.scores.cpu())
+        experts_hist.add_(torch.bincount(decision.experts_per_token.cpu(), minlength=experts + 1))
+
+    hooks = [layer.register_forward_hook(lambda mod, args, out, i=i: record(i, out.decision))
              for i, layer in enumerate(model.moe_layers)]
     for tokens_BS1, domain_B in eval_windows(corpus.val, seq_len=cfg.seq_len, max_tokens=cfg.eval_tokens,
                                              batch_size=cfg.eval_batch_size):
@@ -235,6 +242,9 @@ def evaluate(model: MoETransformer, corpus: TokenizedCorpus, cfg: TrainConfig) -
         "maxvio_batch_final": sum(final_L) / len(final_L),
         "maxvio_batch_floor": sum(batch_floor_L) / len(batch_floor_L), "maxvio_batch_floor_layers": batch_floor_L,
         "expert_load": total.counts.tolist(),
+        "experts_per_token": float((experts_hist * torch.arange(experts + 1)).sum() / experts_hist.sum().clamp_min(1)),
+        "experts_per_token_hist": experts_hist.tolist(),
+        "leaks_future": get_method(cfg.method).leaks_future,
     }
     if len(corpus.domains) > 1:
         result["domain_load"] = {d: acc.counts.tolist() for d, acc in per_domain.items()}
@@ -537,7 +547,9 @@ def _train_step(model, optimizer, scheduler, sampler, cfg: TrainConfig, step: in
     update_balancers(model)  # after the step: the bias only ever sees past loads
 
     vio_L = max_vio(loads_LE)
+    tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len  # training windows have no padding
     record = {"step": step, **sums, "lr": lr, "grad_norm": grad_norm,
+              "experts_per_token": float(loads_LE.sum()) / (loads_LE.shape[0] * tokens),
               "maxvio_batch": float(vio_L.mean()), "maxvio_batch_layers": vio_L.tolist(),
               "cv": float(coefficient_of_variation(loads_LE).mean()),
               "dead_experts": int(dead_experts(loads_LE).sum())}
