@@ -188,6 +188,34 @@ def test_tiny_compare_end_to_end(base, tmp_path):
     assert first[0] == first[1]
 
 
+def test_tiny_compare_of_the_routers(base, tmp_path):
+    """expert choice, top-p and MoGE through the harness: experts per token measured, expert
+    choice's perplexity marked as leaking, its loads exactly balanced."""
+    import warnings
+
+    from moe_balance.routing import CausalLeakWarning
+
+    cfg = base.__class__(**{**base.__dict__, "steps": 6, "checkpoint_every": 0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CausalLeakWarning)
+        results = compare(["expert_choice", "top_p_loss_free", "moge"], [0], cfg, tmp_path, progress=False)
+    rows = {r["method"]: r for r in results}
+    ec, tp, mg = rows["expert_choice"], rows["top_p_loss_free"], rows["moge"]
+    assert ec["leaks_future"] and not tp["leaks_future"] and not mg["leaks_future"]
+    # tiny: 8 experts, capacity factor 2 -> each expert takes 2T/8 tokens of every eval batch
+    assert ec["experts_per_token"] == pytest.approx(2.0) and ec["maxvio_global"] == 0.0
+    assert mg["experts_per_token"] == 2.0 and mg["experts_per_token_hist"][2] == sum(mg["experts_per_token_hist"])
+    assert sum(tp["experts_per_token_hist"]) == sum(mg["experts_per_token_hist"])
+    assert tp["experts_per_token"] == pytest.approx(
+        sum(n * c for n, c in enumerate(tp["experts_per_token_hist"])) / sum(tp["experts_per_token_hist"]))
+    records = read_jsonl(tmp_path / "top_p_loss_free_s0" / "metrics.jsonl")
+    assert all(1 <= r["experts_per_token"] <= 8 for r in records)
+    report = (tmp_path / "report.md").read_text()
+    ec_line = next(line for line in report.splitlines() if line.startswith("| expert_choice |"))
+    assert "†" in ec_line and "2.00" in ec_line
+    assert "not comparable" in report and "### Experts per token" in report
+
+
 def test_resume_after_sigkill_of_the_cli(base, corpus, tmp_path):
     """A real kill -9 between checkpoints, then `--resume`: the same losses as one clean run."""
     import dataclasses

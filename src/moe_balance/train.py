@@ -305,10 +305,12 @@ def batch_balance(model: MoETransformer, scores_per_layer: list[torch.Tensor], *
         final_bias, multiplicative = _layer_bias(layer)
         best_bias, _ = _best_static_bias(layer, scores_TE)
         per_bias = []
+        # each batch is routed on its own, as in training (expert choice reads the whole batch)
+        rows_NT = (order.view(batches, batch_windows, 1) * seq_len + torch.arange(seq_len)).view(batches, -1)
         for bias_E in (final_bias, best_bias):
-            selection = layer.router.selection(scores_TE, bias_E, multiplicative)
-            counts_WE = layer.router.select_mask(selection, scores_TE).view(W, seq_len, E).sum(1)
-            counts_NE = counts_WE[order].view(batches, batch_windows, E).sum(1)
+            counts_NE = torch.stack([
+                layer.router.select_mask(layer.router.selection(scores_TE[rows], bias_E, multiplicative),
+                                         scores_TE[rows]).sum(0) for rows in rows_NT])
             per_bias.append(float(max_vio(counts_NE).mean()))
         finals.append(per_bias[0])
         floors.append(min(per_bias))  # both are single static vectors: the better one bounds the floor
