@@ -43,9 +43,10 @@ def test_sweep_runs_the_papers_ablations():
                                       "loss_free_adaptive_mult"]
     assert _sweep_methods("routers") == ["aux_loss", "loss_free_adaptive", "expert_choice", "top_p",
                                          "top_p_loss_free", "moge", "moge_loss_free"]
+    assert _sweep_methods("experts") == ["loss_free", "loss_free_adaptive", "moe_plus_plus", "moe_plus_plus_loss_free"]
     everything = _sweep_methods("all")
     # each recipe once: aux_loss == aux_loss_1e-3 and loss_free == loss_free_u1e-3
-    assert len(everything) == len(set(everything)) == 16
+    assert len(everything) == len(set(everything)) == 18
     assert "aux_loss" not in everything and "loss_free_u1e-3" not in everything  # first name kept
 
 

@@ -198,8 +198,19 @@ def test_tiny_compare_of_the_routers(base, tmp_path):
     cfg = base.__class__(**{**base.__dict__, "steps": 6, "checkpoint_every": 0})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CausalLeakWarning)
-        results = compare(["expert_choice", "top_p_loss_free", "moge"], [0], cfg, tmp_path, progress=False)
+        results = compare(["expert_choice", "top_p_loss_free", "moge", "moe_plus_plus_loss_free"], [0], cfg,
+                          tmp_path, progress=False)
     rows = {r["method"]: r for r in results}
+    # MoE++: kind fractions sum to 1, FFN experts per token = top_k * (1 - saved), 4 more experts routed
+    pp = rows["moe_plus_plus_loss_free"]
+    assert sum(pp[f"kind_fraction_{k}"] for k in ("ffn", "zero", "copy", "constant")) == pytest.approx(1.0)
+    assert pp["ffn_experts_per_token"] == pytest.approx(2 * (1 - pp["ffn_compute_saved"]))
+    assert pp["experts_per_token"] == 2.0 and len(pp["experts_per_token_hist"]) == 8 + 4 + 1
+    assert pp["maxvio_static_floor"] is None  # not defined for per-kind targets
+    pp_record = read_jsonl(tmp_path / "moe_plus_plus_loss_free_s0" / "metrics.jsonl")[-1]
+    assert 0 <= pp_record["ffn_compute_saved"] <= 1 and "kind_fraction_zero" in pp_record
+    assert "ffn_compute_saved" not in read_jsonl(tmp_path / "moge_s0" / "metrics.jsonl")[-1]
+    assert rows["moge"]["ffn_experts_per_token"] == rows["moge"]["experts_per_token"] == 2.0
     ec, tp, mg = rows["expert_choice"], rows["top_p_loss_free"], rows["moge"]
     assert ec["leaks_future"] and not tp["leaks_future"] and not mg["leaks_future"]
     # tiny: 8 experts, capacity factor 2 -> each expert takes 2T/8 tokens of every eval batch
@@ -214,6 +225,8 @@ def test_tiny_compare_of_the_routers(base, tmp_path):
     ec_line = next(line for line in report.splitlines() if line.startswith("| expert_choice |"))
     assert "†" in ec_line and "2.00" in ec_line
     assert "not comparable" in report and "### Experts per token" in report
+    pp_line = next(line for line in report.splitlines() if line.startswith("| moe_plus_plus_loss_free |"))
+    assert f"2.00 (FFN {pp['ffn_experts_per_token']:.2f})" in pp_line
 
 
 def test_resume_after_sigkill_of_the_cli(base, corpus, tmp_path):

@@ -50,17 +50,22 @@ def _valid(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 def switch_loss_from_counts(probs_TE: torch.Tensor, counts_E: torch.Tensor,
-                            token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
-    """N * sum_i f_i P_i with f_i = counts_i / sum(counts) and P_i = mean_t probs_{t,i}.
+                            token_mask_T: torch.Tensor | None = None,
+                            expert_weights_E: torch.Tensor | None = None) -> torch.Tensor:
+    """N * sum_i eta_i f_i P_i with f_i = counts_i / sum(counts) and P_i = mean_t probs_{t,i}.
 
     Switch Transformer eq. 4 / GShard; sum(counts) = K * T for dropless top-K routing, so f is
     the fraction of the K*T assignments. Equals 1 at perfect balance. Padding tokens (mask
-    False) are left out of P; leave them out of ``counts`` too.
+    False) are left out of P; leave them out of ``counts`` too. eta (``expert_weights_E``,
+    default 1): MoE++'s per-kind weights (tau for zero-computation experts).
     """
     valid_T = _valid(token_mask_T, probs_TE)
     p_E = (probs_TE * valid_T.unsqueeze(-1)).sum(0) / valid_T.sum().clamp_min(1)
     f_E = counts_E.float() / counts_E.sum().clamp_min(1).float()
-    return probs_TE.shape[-1] * (f_E * p_E).sum()
+    terms_E = f_E * p_E
+    if expert_weights_E is not None:
+        terms_E = terms_E * expert_weights_E
+    return probs_TE.shape[-1] * terms_E.sum()
 
 
 def switch_aux_loss(scores_TE: torch.Tensor, selected_TK: torch.Tensor,
@@ -72,7 +77,8 @@ def switch_aux_loss(scores_TE: torch.Tensor, selected_TK: torch.Tensor,
 
 
 def sequence_aux_loss(scores_BSE: torch.Tensor, selected_BSK: torch.Tensor,
-                      token_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+                      token_mask_BS: torch.Tensor | None = None,
+                      expert_weights_E: torch.Tensor | None = None) -> torch.Tensor:
     """DeepSeek-V3 sequence-wise balance loss (eqs. 17-20), averaged over the B sequences.
 
     Per sequence: N/(K*S) * sum_i count_i * P_i with P over that sequence's tokens, i.e. the
@@ -90,7 +96,10 @@ def sequence_aux_loss(scores_BSE: torch.Tensor, selected_BSK: torch.Tensor,
     counts_BE = torch.zeros(B, E, dtype=probs_BSE.dtype, device=probs_BSE.device)
     counts_BE.scatter_add_(1, selected_BSK.clamp_min(0).reshape(B, S * K), filled_BSK.reshape(B, S * K))
     f_BE = counts_BE / filled_BSK.sum((1, 2)).clamp_min(1).unsqueeze(-1)
-    per_seq_B = E * (f_BE * p_BE).sum(-1)
+    terms_BE = f_BE * p_BE
+    if expert_weights_E is not None:  # MoE++'s tau for zero-computation experts
+        terms_BE = terms_BE * expert_weights_E
+    per_seq_B = E * terms_BE.sum(-1)
     has_tokens_B = n_valid_B > 0
     return per_seq_B[has_tokens_B].mean() if has_tokens_B.any() else per_seq_B.sum() * 0
 
@@ -166,10 +175,20 @@ class LossFreeBalancer(Balancer):
 
     observes_counts = True
 
-    def __init__(self, spec: LossFree, num_experts: int):
+    def __init__(self, spec: LossFree, num_experts: int, num_ffn_experts: int | None = None):
         super().__init__()
         self.spec = spec
         self.multiplicative = spec.form == "multiplicative"
+        # each expert's target share of the assignments (None: equal shares, the mean load)
+        self.target_share = None
+        if spec.zero_computation_share is not None:
+            ffn = num_ffn_experts if num_ffn_experts is not None else num_experts
+            if ffn >= num_experts:
+                raise ValueError("LossFree.zero_computation_share needs zero-computation experts")
+            share = spec.zero_computation_share
+            self.target_share = torch.cat([torch.full((ffn,), (1 - share) / ffn, dtype=torch.float64),
+                                           torch.full((num_experts - ffn,), share / (num_experts - ffn),
+                                                      dtype=torch.float64)])
         start = torch.ones if self.multiplicative else torch.zeros
         self.register_buffer("expert_bias", start(num_experts, dtype=torch.float32))
         self.register_buffer("pending_counts", torch.zeros(num_experts, dtype=torch.int64))
@@ -236,21 +255,25 @@ class LossFreeBalancer(Balancer):
         frozen = spec.freeze_after_steps is not None and int(self.num_updates) >= spec.freeze_after_steps
         if not frozen:
             load_E = counts_E.double()
+            # each expert's target load: the mean, or its share of the step's assignments
+            target_E = load_E.mean() if self.target_share is None else \
+                load_E.sum() * self.target_share.to(load_E.device)
             if adaptive:
                 hist = flat[E:].view_as(self.pending_margins)
-                innovation_E = controller.newton_step(counts_E, hist, self.margin_edges, 1.0, spec.max_step)
+                innovation_E = controller.newton_step(counts_E, hist, self.margin_edges, 1.0, spec.max_step,
+                                                      target_E=target_E)
                 gain_E = controller.adaptive_gain(
                     innovation_E, self.innovation_mean, self.innovation_square, int(self.num_updates) + 1,
                     smoothing=spec.smoothing, min_gain=spec.min_gain, max_gain=spec.max_gain)
                 # far from balance, trust the step whatever the noise estimate says: an expert
                 # that just became the overloaded one has a history of the opposite sign
-                error_E = (load_E - load_E.mean()).abs() / load_E.mean()
+                error_E = (load_E - target_E).abs() / target_E
                 gain_E = torch.maximum(gain_E, (error_E - spec.trust_error).clamp(0, spec.max_gain))
                 delta_E = gain_E * innovation_E
                 delta_E = delta_E - delta_E.mean()  # only relative biases matter: no common mode
             else:
-                error_E = load_E.mean() - load_E
-                delta_E = spec.update_rate * (error_E.sign() if spec.rule == "sign" else error_E / load_E.mean())
+                error_E = target_E - load_E
+                delta_E = spec.update_rate * (error_E.sign() if spec.rule == "sign" else error_E / target_E)
             self.expert_bias += delta_E.float()
             if self.multiplicative:
                 self.expert_bias.clamp_(min=1e-3)
@@ -270,28 +293,34 @@ class AuxLossBalancer(Balancer):
     covers the global batch seen so far (Qiu et al. 2025, arXiv 2501.11873).
     """
 
-    def __init__(self, spec: AuxLoss, num_experts: int):
+    def __init__(self, spec: AuxLoss, num_experts: int, num_ffn_experts: int | None = None):
         super().__init__()
         self.spec = spec
         self.observes_counts = spec.scope == "global_batch"
+        # MoE++ eta: 1 for FFN experts, tau for the zero-computation experts numbered after them
+        self.expert_weights = None
+        if spec.zero_computation_weight != 1.0 and num_ffn_experts is not None and num_ffn_experts < num_experts:
+            self.expert_weights = torch.ones(num_experts)
+            self.expert_weights[num_ffn_experts:] = spec.zero_computation_weight
         if self.observes_counts:
             self.register_buffer("accumulated_counts", torch.zeros(num_experts, dtype=torch.int64))
 
     def loss(self, decision: RoutingDecision, batch_shape: torch.Size) -> torch.Tensor:
         scope, mask_T = self.spec.scope, decision.token_mask
+        eta_E = None if self.expert_weights is None else self.expert_weights.to(decision.scores.device)
         if scope == "micro_batch":
             value = switch_loss_from_counts(
-                normalized_probs(decision.scores), decision.routed_tokens_per_expert, mask_T)
+                normalized_probs(decision.scores), decision.routed_tokens_per_expert, mask_T, eta_E)
         elif scope == "sequence":
             S = batch_shape[-1] if batch_shape else 1  # (..., S) sequences; 1-D input: one sequence
             E, K = decision.num_experts, decision.selected.shape[-1]  # K: slots, -1 when empty
             value = sequence_aux_loss(
                 decision.scores.view(-1, S, E), decision.selected.view(-1, S, K),
-                None if mask_T is None else mask_T.view(-1, S))
+                None if mask_T is None else mask_T.view(-1, S), eta_E)
         else:
             counts_E = decision.routed_tokens_per_expert.to(self.accumulated_counts.device)
             global_E = _all_reduce_sum(self.accumulated_counts + counts_E)
-            value = switch_loss_from_counts(normalized_probs(decision.scores), global_E, mask_T)
+            value = switch_loss_from_counts(normalized_probs(decision.scores), global_E, mask_T, eta_E)
         return self.spec.coeff * value
 
     def observe(self, counts_E: torch.Tensor, stats: torch.Tensor | None = None) -> None:
@@ -305,7 +334,7 @@ class AuxLossBalancer(Balancer):
 class ZLossBalancer(Balancer):
     """Router z-loss: coeff * mean_t logsumexp(z_t)^2 (ST-MoE, eq. 5)."""
 
-    def __init__(self, spec: ZLoss, num_experts: int):
+    def __init__(self, spec: ZLoss, num_experts: int, num_ffn_experts: int | None = None):
         super().__init__()
         self.spec = spec
 
@@ -316,7 +345,7 @@ class ZLossBalancer(Balancer):
 class DynamicLossBalancer(Balancer):
     """Dynamic top-p's entropy penalty: coeff * mean_t H(P_t) (Huang et al. 2024, eq. 6)."""
 
-    def __init__(self, spec: DynamicLoss, num_experts: int):
+    def __init__(self, spec: DynamicLoss, num_experts: int, num_ffn_experts: int | None = None):
         super().__init__()
         self.spec = spec
 
@@ -329,9 +358,11 @@ _BUILDERS = {LossFree: LossFreeBalancer, AuxLoss: AuxLossBalancer, ZLoss: ZLossB
 _LOSS_NAMES = {ZLoss: "z_loss", DynamicLoss: "dynamic_loss"}
 
 
-def build_balancer(spec: BalancerSpec, num_experts: int) -> Balancer:
-    """The stateful module implementing a balancer spec."""
-    return _BUILDERS[type(spec)](spec, num_experts)
+def build_balancer(spec: BalancerSpec, num_experts: int, num_ffn_experts: int | None = None) -> Balancer:
+    """The stateful module implementing a balancer spec for a router over ``num_experts``
+    experts, the first ``num_ffn_experts`` of them FFN experts (default: all; MoE++
+    zero-computation experts come after them)."""
+    return _BUILDERS[type(spec)](spec, num_experts, num_ffn_experts)
 
 
 def loss_name(spec: BalancerSpec) -> str:

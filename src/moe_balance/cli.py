@@ -20,7 +20,15 @@ from .train import (TRAIN_PRESETS, NonFiniteTraining, TrainConfig, TrainingInter
 DEFAULT_METHODS = ("aux_loss", "loss_free", "loss_free_adaptive")
 # The demo fits `make demo` in 10 minutes on 2 cores: the baseline and the adaptive controller.
 DEMO_METHODS = ("aux_loss", "loss_free_adaptive")
-_PARSERS = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("true", "yes", "1"):
+        return True
+    if text.lower() in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+_PARSERS = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str, "bool | None": _parse_bool}
 
 
 def _nullable(parse):
@@ -188,9 +196,9 @@ def _sweep_methods(which: str) -> list[str]:
     names, recipes = [], []
     for g in groups:
         for m in SWEEPS[g]:
-            if (m.balancers, m.router) not in recipes:
+            if (m.balancers, m.router, m.layer) not in recipes:
                 names.append(m.name)
-                recipes.append((m.balancers, m.router))
+                recipes.append((m.balancers, m.router, m.layer))
     return names
 
 

@@ -78,6 +78,10 @@ class RouterConfig:
         scores) or "position" (earliest tokens, as in Switch/GShard).
     top_p, max_experts: "top_p" only: the score mass to reach (default 0.4) and the most
         experts a token may take (default: all).
+    gating_residual: MoE++'s pathway-aware router (Jin et al. 2024, arXiv 2410.07348, eq. 8):
+        this layer's logits plus a learned (E, E) map (initialised to the identity) of the
+        previous MoE layer's logits, so routing decisions are informed by the last layer's.
+        The first MoE layer of a model has no previous logits and routes as without it.
     routing_batch_size, shuffle_tokens: "expert_choice" only: route groups of this many tokens
         separately (default: every token of the forward at once), formed from a random
         permutation of the tokens with ``shuffle_tokens`` (the Loss-Free paper's mitigation
@@ -97,6 +101,7 @@ class RouterConfig:
     max_experts: int | None = None
     routing_batch_size: int | None = None
     shuffle_tokens: bool = False
+    gating_residual: bool = False
     check_finite: bool = True
 
     def _only_for(self, method: str, *names: str) -> None:
@@ -114,6 +119,7 @@ class RouterConfig:
         _bool("RouterConfig", "normalize_weights", self.normalize_weights)
         _bool("RouterConfig", "check_finite", self.check_finite)
         _bool("RouterConfig", "shuffle_tokens", self.shuffle_tokens)
+        _bool("RouterConfig", "gating_residual", self.gating_residual)
         if not (is_number(self.scaling_factor) and math.isfinite(self.scaling_factor)
                 and self.scaling_factor > 0):
             raise ValueError(
@@ -190,6 +196,11 @@ class LossFree:
     subtract the mean; multiplicative: divide by it), since only relative biases matter.
     ``freeze_after_steps`` stops updating after that many updates (DeepSeek-V3 sets u = 0 for
     the end of training).
+
+    ``zero_computation_share`` (layers with MoE++ zero-computation experts only): the fraction of
+    all assignments the zero-computation experts should take together, split equally among
+    them; the FFN experts share the rest equally. Every rule above then compares each expert's
+    load with its own target instead of the mean (None: every expert the same target).
     """
 
     update_rate: float = 1e-3
@@ -202,9 +213,14 @@ class LossFree:
     trust_error: float = 0.5
     center: bool = False
     freeze_after_steps: int | None = None
+    zero_computation_share: float | None = None
 
     def __post_init__(self) -> None:
         _non_negative("LossFree", "update_rate", self.update_rate)
+        if self.zero_computation_share is not None and not (
+                is_number(self.zero_computation_share) and 0 < self.zero_computation_share < 1):
+            raise ValueError(f"LossFree.zero_computation_share={self.zero_computation_share!r} must be a "
+                             "number in (0, 1), or None")
         _choice("LossFree", "rule", self.rule, LOSS_FREE_RULES)
         _choice("LossFree", "form", self.form, LOSS_FREE_FORMS)
         _bool("LossFree", "center", self.center)
@@ -232,13 +248,20 @@ class AuxLoss:
     scope "micro_batch": f and P over the tokens of this forward; "sequence": DeepSeek-V3's
     sequence-wise loss, averaged over sequences; "global_batch": f over every micro-batch of
     the step so far and every data-parallel rank ("Demons in the Detail", arXiv 2501.11873).
+
+    ``zero_computation_weight`` is MoE++'s tau (heterogeneous load balance, Jin et al. 2024,
+    eq. 9): the terms of zero-computation experts are weighted by tau, those of FFN experts by
+    1, i.e. alpha * N * sum_i eta_i f_i P_i. tau < 1 lets the zero-computation experts take more
+    than an equal share of the tokens.
     """
 
     coeff: float
     scope: str = "micro_batch"
+    zero_computation_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _non_negative("AuxLoss", "coeff", self.coeff)
+        _non_negative("AuxLoss", "zero_computation_weight", self.zero_computation_weight)
         _choice("AuxLoss", "scope", self.scope, AUX_SCOPES)
 
 
@@ -277,6 +300,11 @@ class MoEConfig:
     shared_expert_hidden_size: width of each shared expert (default: expert_hidden_size).
     expert_impl: "loop" (reference), "bmm" (padded batched matmul), "grouped_mm"
         (``torch._grouped_mm``, where the device supports it) or "auto" (fastest available).
+    zero_experts, copy_experts, constant_experts: MoE++ zero-computation experts (Jin et al.
+        2024, arXiv 2410.07348) beside the ``num_experts`` FFN experts: a zero expert outputs 0
+        (the token is discarded), a copy expert outputs its input, a constant expert outputs
+        a1 * x + a2 * v with v a learned vector and (a1, a2) = softmax(W_c x). They are
+        numbered after the FFN experts: the router has ``num_routed_experts`` outputs.
     """
 
     d_model: int
@@ -288,6 +316,23 @@ class MoEConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     balancers: tuple[BalancerSpec, ...] = ()
     expert_impl: str = "auto"
+    zero_experts: int = 0
+    copy_experts: int = 0
+    constant_experts: int = 0
+
+    @property
+    def num_zero_computation_experts(self) -> int:
+        return self.zero_experts + self.copy_experts + self.constant_experts
+
+    @property
+    def num_routed_experts(self) -> int:
+        """The router's width: FFN experts, then zero, copy and constant experts."""
+        return self.num_experts + self.num_zero_computation_experts
+
+    def expert_kinds(self) -> tuple[str, ...]:
+        """Each routed expert's kind, in routing order: "ffn", "zero", "copy" or "constant"."""
+        return (("ffn",) * self.num_experts + ("zero",) * self.zero_experts
+                + ("copy",) * self.copy_experts + ("constant",) * self.constant_experts)
 
     def __post_init__(self) -> None:
         _positive_int("MoEConfig", "d_model", self.d_model)
@@ -298,9 +343,14 @@ class MoEConfig:
         if self.shared_expert_hidden_size is not None:
             _positive_int("MoEConfig", "shared_expert_hidden_size", self.shared_expert_hidden_size)
         _choice("MoEConfig", "expert_impl", self.expert_impl, EXPERT_IMPLS)
-        if self.top_k > self.num_experts:
+        for name in ("zero_experts", "copy_experts", "constant_experts"):
+            _positive_int("MoEConfig", name, getattr(self, name), minimum=0)
+        Z = self.num_zero_computation_experts
+        R = self.num_routed_experts
+        if self.top_k > R:
             raise ValueError(
-                f"MoEConfig.top_k={self.top_k} must be <= num_experts={self.num_experts}")
+                f"MoEConfig.top_k={self.top_k} must be <= num_experts={self.num_experts}"
+                + (f" + {Z} zero-computation experts" if Z else ""))
         if self.expert_impl == "grouped_mm" and (self.d_model % 8 or self.expert_hidden_size % 8):
             # torch._grouped_mm needs 16-byte aligned rows: multiples of 8 elements cover bf16 too
             raise ValueError(f"MoEConfig.expert_impl='grouped_mm' needs d_model and expert_hidden_size "
@@ -323,23 +373,30 @@ class MoEConfig:
             raise ValueError("LossFree does not apply to RouterConfig(method='expert_choice'): expert "
                              "choice is balanced by construction (every expert takes exactly C tokens); "
                              "remove the LossFree balancer or use method 'top_k', 'top_p' or 'grouped'")
-        if router.method == "top_p" and router.max_experts is not None and router.max_experts > self.num_experts:
+        if router.method == "top_p" and router.max_experts is not None and router.max_experts > R:
             raise ValueError(f"RouterConfig.max_experts={router.max_experts} must be <= "
-                             f"MoEConfig.num_experts={self.num_experts}")
+                             f"MoEConfig.num_experts={self.num_experts}" + (f" + {Z} zero-computation experts" if Z else ""))
         if router.method == "grouped":
-            if self.num_experts % groups or self.top_k % groups:
+            if R % groups or self.top_k % groups:
                 raise ValueError(
                     f"RouterConfig(method='grouped', num_groups={groups}) needs num_groups to divide both "
-                    f"MoEConfig.num_experts={self.num_experts} and MoEConfig.top_k={self.top_k} "
+                    f"MoEConfig.num_experts={R} and MoEConfig.top_k={self.top_k} "
                     "(each token takes top_k / num_groups experts in every group)")
         elif groups is not None:
-            if self.num_experts % groups:
+            if R % groups:
                 raise ValueError(
                     f"RouterConfig.num_groups={groups} must divide "
-                    f"MoEConfig.num_experts={self.num_experts}")
-            reachable = topk_groups * (self.num_experts // groups)
+                    f"MoEConfig.num_experts={R}" + (" (FFN and zero-computation experts)" if Z else ""))
+            reachable = topk_groups * (R // groups)
             if self.top_k > reachable:
                 raise ValueError(
                     f"MoEConfig.top_k={self.top_k} is not reachable with topk_groups={topk_groups} "
-                    f"groups of {self.num_experts // groups} experts ({reachable} eligible); "
+                    f"groups of {R // groups} experts ({reachable} eligible); "
                     "raise topk_groups or lower top_k")
+        for spec in self.balancers:
+            if isinstance(spec, LossFree) and spec.zero_computation_share is not None and not Z:
+                raise ValueError("LossFree.zero_computation_share needs zero-computation experts: set "
+                                 "MoEConfig zero_experts, copy_experts or constant_experts")
+            if isinstance(spec, AuxLoss) and spec.zero_computation_weight != 1.0 and not Z:
+                raise ValueError("AuxLoss.zero_computation_weight weights zero-computation experts: set "
+                                 "MoEConfig zero_experts, copy_experts or constant_experts")

@@ -109,14 +109,15 @@ def margin_histograms(margins_TE: torch.Tensor, selected_TE: torch.Tensor,
 
 
 def newton_step(counts_E: torch.Tensor, hist_2EB: torch.Tensor, edges_B: torch.Tensor,
-                gain: float, max_step: float) -> torch.Tensor:
+                gain: float, max_step: float, target_E: torch.Tensor | None = None) -> torch.Tensor:
     """(E,) float64 bias change: sign(c̄ - c_i) * min(max_step, Q_i(gain * |c̄ - c_i|)).
 
     Q_i(n): the margin by which n tokens on the relevant side of expert i's threshold would
-    flip, read off the cumulative histogram with linear interpolation inside a bin.
+    flip, read off the cumulative histogram with linear interpolation inside a bin. c̄ is the
+    mean load, or ``target_E`` (each expert's own target load) when given.
     """
     load_E = counts_E.double()
-    need_E = gain * (load_E.mean() - load_E)
+    need_E = gain * ((load_E.mean() if target_E is None else target_E) - load_E)
     side_E = (need_E < 0).long()  # 0: gain tokens (raise bias), 1: shed tokens (lower it)
     E = load_E.numel()
     hist_EB = hist_2EB.double()[side_E, torch.arange(E)]

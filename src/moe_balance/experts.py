@@ -136,3 +136,19 @@ class SwiGLUExperts(nn.Module):
         offs = torch.cumsum(tokens_per_expert, 0).to(device=x_AD.device, dtype=torch.int32)
         h_AH = F.silu(_grouped(x_AD, self.w_gate, offs)) * _grouped(x_AD, self.w_up, offs)
         return _grouped(h_AH, self.w_down, offs)
+
+
+class ConstantExperts(nn.Module):
+    """MoE++ constant experts (Jin et al. 2024, arXiv 2410.07348, eq. 6): expert j maps x to
+    a1 * x + a2 * v_j with (a1, a2) = softmax(W_j x): a learned vector v_j (D,) mixed with the
+    input by a learned 2-way gate W_j (2, D). No FFN matmul: O(D) work per assignment."""
+
+    def __init__(self, num_experts: int, d_model: int, init_std: float = 0.02):
+        super().__init__()
+        self.vectors = nn.Parameter(torch.randn(num_experts, d_model) * init_std)
+        self.mix = nn.Parameter(torch.randn(num_experts, 2, d_model) * init_std)
+
+    def forward(self, x_AD: torch.Tensor, expert_A: torch.Tensor) -> torch.Tensor:
+        """x_AD: the assignments' inputs; expert_A: each one's constant expert (0-based)."""
+        alpha_A2 = torch.softmax(torch.einsum("ad,akd->ak", x_AD, self.mix[expert_A].to(x_AD.dtype)), dim=-1)
+        return alpha_A2[:, :1] * x_AD + alpha_A2[:, 1:] * self.vectors[expert_A].to(x_AD.dtype)

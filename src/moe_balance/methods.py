@@ -16,6 +16,9 @@ from .config import (AuxLoss, BalancerSpec, BALANCER_SPECS, DynamicLoss, LossFre
                      ZLoss)
 
 
+LAYER_FIELDS = ("zero_experts", "copy_experts", "constant_experts")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Method:
     """A named load-balancing recipe: balancer specs and the router they run with."""
@@ -25,6 +28,7 @@ class Method:
     balancers: tuple[BalancerSpec, ...] = ()
     router: RouterConfig = field(default_factory=RouterConfig)
     reference: str = ""
+    layer: dict = field(default_factory=dict)  # MoEConfig fields the method sets (MoE++ experts)
 
     @property
     def leaks_future(self) -> bool:
@@ -41,6 +45,9 @@ class Method:
                 and all(isinstance(s, BALANCER_SPECS) for s in self.balancers)):
             raise ValueError(f"Method.balancers={self.balancers!r} must be a tuple of "
                              "LossFree, AuxLoss, ZLoss or DynamicLoss specs")
+        unknown = set(self.layer) - set(LAYER_FIELDS)
+        if unknown:
+            raise ValueError(f"Method.layer sets {sorted(unknown)}; allowed: {', '.join(LAYER_FIELDS)}")
         if self.leaks_future and any(isinstance(s, LossFree) for s in self.balancers):
             raise ValueError(f"Method {self.name!r}: LossFree does not apply to expert-choice routing, "
                              "which is balanced by construction; remove the LossFree balancer")
@@ -48,7 +55,7 @@ class Method:
     def moe_config(self, **layer) -> MoEConfig:
         """A ``MoEConfig`` with this method's router and balancers; ``layer`` gives the rest
         (d_model, num_experts, top_k, expert_hidden_size, ...)."""
-        return MoEConfig(router=self.router, balancers=self.balancers, **layer)
+        return MoEConfig(router=self.router, balancers=self.balancers, **{**self.layer, **layer})
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -99,6 +106,11 @@ EXPERT_CHOICE_PAPER = 'Zhou et al. 2022, "Mixture-of-Experts with Expert Choice 
 TOP_P_PAPER = 'Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic Routing in MoE Models", arXiv 2403.07652'
 MOGE_PAPER = 'Tang et al. 2025, "Pangu Pro MoE: Mixture of Grouped Experts", arXiv 2505.21411'
 MOGE_GROUPS = 2  # divides every preset's num_experts (8, 32, 64) and top_k (2, 4, 6)
+MOE_PLUS_PLUS_PAPER = ('Jin et al. 2024, "MoE++: Accelerating Mixture-of-Experts Methods with Zero-Computation '
+                       'Experts", arXiv 2410.07348')
+# MoE++ zero-computation experts beside the preset's FFN experts (the paper pairs 1 zero, 1 copy
+# and 2 constant experts with 8-16 FFN experts)
+MOE_PLUS_PLUS_LAYER = {"zero_experts": 1, "copy_experts": 1, "constant_experts": 2}
 
 def no_balance() -> Method:
     return Method(name="no_balance", description="No balancing: plain top-K over sigmoid scores "
@@ -197,6 +209,24 @@ def moge(loss_free: bool = False) -> Method:
         reference=MOGE_PAPER + (f"; bias: {LOSS_FREE_PAPER}" if loss_free else ""))
 
 
+def moe_plus_plus(loss_free: bool = False) -> Method:
+    """MoE++: 1 zero, 1 copy and 2 constant experts beside the FFN experts, gating residuals."""
+    if loss_free:
+        balance, what = LossFree(rule="adaptive", zero_computation_share=0.2), (
+            "adaptive Loss-Free bias with per-kind targets: the zero-computation experts take 20% of "
+            "the assignments together, the FFN experts equal shares of the rest")
+    else:
+        balance, what = AuxLoss(coeff=1e-3, zero_computation_weight=0.75), (
+            "heterogeneous aux loss alpha=1e-3 with tau=0.75 on the zero-computation experts")
+    return Method(
+        name="moe_plus_plus_loss_free" if loss_free else "moe_plus_plus",
+        description="MoE++: FFN experts plus 1 zero (drop), 1 copy (identity) and 2 constant (learned "
+                    f"vector) experts, top-K over all; gating residuals between MoE layers; {what}; "
+                    "sigmoid gate.",
+        router=RouterConfig(gating_residual=True), balancers=(balance,), layer=dict(MOE_PLUS_PLUS_LAYER),
+        reference=MOE_PLUS_PLUS_PAPER + (f"; bias: {LOSS_FREE_PAPER}" if loss_free else ""))
+
+
 def z_loss() -> Method:
     """ST-MoE: router z-loss beside the auxiliary loss."""
     return Method(name="z_loss", description="Router z-loss 1e-3 (ST-MoE) + auxiliary loss "
@@ -222,6 +252,7 @@ for _method in (
     expert_choice(routing_batch_size=512, name="expert_choice_shuffled"),
     top_p(), top_p(loss_free=True),
     moge(), moge(loss_free=True),
+    moe_plus_plus(), moe_plus_plus(loss_free=True),
 ):
     register_method(_method)
 
@@ -248,4 +279,7 @@ SWEEPS: dict[str, list[Method]] = {
     # The routers that balance differently, beside top-K with the aux loss and with Loss-Free.
     "routers": [get_method(n) for n in ("aux_loss", "loss_free_adaptive", "expert_choice", "top_p",
                                         "top_p_loss_free", "moge", "moge_loss_free")],
+    # Experts that are not all alike: MoE++ zero-computation experts beside plain top-K.
+    "experts": [get_method(n) for n in ("loss_free", "loss_free_adaptive", "moe_plus_plus",
+                                        "moe_plus_plus_loss_free")],
 }

@@ -96,14 +96,25 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ModelOutput:
     """logits (B, S, V); lm_loss 0-dim or None; aux_loss 0-dim sum over MoE layers (exactly 0
-    without loss balancers); layer_loads: each MoE layer's (E,) int64 routed tokens per expert;
-    loss = lm_loss + aux_loss (None without targets)."""
+    without loss balancers); layer_loads: each MoE layer's (E,) int64 routed tokens per FFN
+    expert; layer_kind_loads: each MoE layer's (4,) int64 assignments to FFN, zero, copy and
+    constant experts (``EXPERT_KINDS``; MoE++); loss = lm_loss + aux_loss (None without targets)."""
 
     logits: torch.Tensor
     lm_loss: torch.Tensor | None
     aux_loss: torch.Tensor
     layer_loads: list[torch.Tensor]
     loss: torch.Tensor | None
+    layer_kind_loads: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+
+EXPERT_KINDS = ("ffn", "zero", "copy", "constant")
+
+
+def kind_loads(routed_E: torch.Tensor, config: MoEConfig) -> torch.Tensor:
+    """(4,) int64 routed assignments per expert kind (``EXPERT_KINDS``) from (R,) counts."""
+    sizes = [config.num_experts, config.zero_experts, config.copy_experts, config.constant_experts]
+    return torch.stack([part.sum() for part in torch.split(routed_E, sizes)])
 
 
 def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,14 +162,17 @@ class Block(nn.Module):
         self.ffn = (SwiGLU(config.d_model, config.dense_ffn_hidden) if layer < config.n_dense_layers
                     else MoE(config.moe))
 
-    def forward(self, h_BSD, cos_SR, sin_SR, mask_BS):
-        """Returns (h_BSD, aux_loss, load_E); the last two are None for a dense block."""
+    def forward(self, h_BSD, cos_SR, sin_SR, mask_BS, prev_logits_TE=None):
+        """Returns (h_BSD, aux_loss, load_E, kind_loads_4, logits_TE); all but h_BSD are None for
+        a dense block. load_E counts FFN experts; prev_logits_TE feeds MoE++'s gating residual."""
         h_BSD = h_BSD + self.attn(self.attn_norm(h_BSD), cos_SR, sin_SR)
         x_BSD = self.ffn_norm(h_BSD)
         if not isinstance(self.ffn, MoE):
-            return h_BSD + self.ffn(x_BSD), None, None
-        out = self.ffn(x_BSD, mask_BS)
-        return h_BSD + out.y, out.aux_loss, out.decision.routed_tokens_per_expert
+            return h_BSD + self.ffn(x_BSD), None, None, None, None
+        out = self.ffn(x_BSD, mask_BS, prev_logits_TE)
+        routed = out.decision.routed_tokens_per_expert
+        return (h_BSD + out.y, out.aux_loss, routed[:self.ffn.config.num_experts],
+                kind_loads(routed, self.ffn.config), out.decision.logits)
 
 
 def lm_cross_entropy(logits_BSV: torch.Tensor, targets_BS: torch.Tensor,
@@ -204,6 +218,9 @@ class MoETransformer(nn.Module):
         for p in self.parameters():
             if p.dim() >= 2:
                 nn.init.normal_(p, mean=0.0, std=self.config.init_std)
+        for layer in self.moe_layers:  # MoE++ gating residual: starts as "add the last logits"
+            if layer.router.residual_weight is not None:
+                nn.init.eye_(layer.router.residual_weight)
 
     @property
     def moe_layers(self) -> list[MoE]:
@@ -227,19 +244,22 @@ class MoETransformer(nn.Module):
         h_BSD = self.tok_emb(tokens)
         cos_SR, sin_SR = self.rope_cos[:S], self.rope_sin[:S]
         use_checkpoint = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        aux_losses, layer_loads = [], []
+        aux_losses, layer_loads, layer_kind_loads = [], [], []
+        logits_TE = None  # the last MoE layer's router logits (MoE++ gating residual)
         for block in self.blocks:
             try:
                 if use_checkpoint:
-                    h_BSD, aux_loss, load_E = checkpoint(block, h_BSD, cos_SR, sin_SR, mask,
-                                                         use_reentrant=False)
+                    h_BSD, aux_loss, load_E, kinds_4, block_logits = checkpoint(
+                        block, h_BSD, cos_SR, sin_SR, mask, logits_TE, use_reentrant=False)
                 else:
-                    h_BSD, aux_loss, load_E = block(h_BSD, cos_SR, sin_SR, mask)
+                    h_BSD, aux_loss, load_E, kinds_4, block_logits = block(h_BSD, cos_SR, sin_SR, mask, logits_TE)
             except FloatingPointError as err:  # the router's finiteness check: say which layer
                 raise FloatingPointError(f"layer {block.layer}: {err}") from err
             if load_E is not None:
                 aux_losses.append(aux_loss)
                 layer_loads.append(load_E)
+                layer_kind_loads.append(kinds_4)
+                logits_TE = block_logits
         logits_BSV = self.lm_head(self.norm(h_BSD))
         aux_loss = (torch.stack(aux_losses).sum() if aux_losses
                     else torch.zeros((), device=logits_BSV.device))
@@ -248,7 +268,7 @@ class MoETransformer(nn.Module):
             lm_loss = lm_cross_entropy(logits_BSV, targets, mask)
             loss = lm_loss + aux_loss
         return ModelOutput(logits=logits_BSV, lm_loss=lm_loss, aux_loss=aux_loss,
-                           layer_loads=layer_loads, loss=loss)
+                           layer_loads=layer_loads, loss=loss, layer_kind_loads=layer_kind_loads)
 
     def param_counts(self) -> dict[str, int]:
         """Parameter counts (a tied embedding counted once).
@@ -307,12 +327,13 @@ PRESETS: dict[str, dict] = {
 
 def model_preset(name: str, *, vocab_size: int | None = None,
                  balancers: tuple[BalancerSpec, ...] = (), router: RouterConfig | None = None,
-                 **overrides) -> ModelConfig:
+                 moe_overrides: dict | None = None, **overrides) -> ModelConfig:
     """The ``ModelConfig`` of a named preset (see ``PRESETS``), with the given balancing.
 
     vocab_size: the tokenizer's (default: the preset's, 256 bytes or the paper's 32K).
-    router: default ``RouterConfig()``, the paper's sigmoid gate. ``overrides``: any other
-    ModelConfig field (e.g. seq_len=256, gradient_checkpointing=True).
+    router: default ``RouterConfig()``, the paper's sigmoid gate. ``moe_overrides``: MoEConfig
+    fields (e.g. zero_experts=1). ``overrides``: any other ModelConfig field (e.g. seq_len=256,
+    gradient_checkpointing=True).
     """
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
@@ -320,7 +341,7 @@ def model_preset(name: str, *, vocab_size: int | None = None,
     moe = MoEConfig(d_model=arch["d_model"], num_experts=arch.pop("num_experts"),
                     top_k=arch.pop("top_k"), num_shared_experts=arch.pop("num_shared_experts"),
                     expert_hidden_size=arch["d_model"] // 2,
-                    router=router or RouterConfig(), balancers=tuple(balancers))
+                    router=router or RouterConfig(), balancers=tuple(balancers), **(moe_overrides or {}))
     if vocab_size is not None:
         arch["vocab_size"] = vocab_size
     config = ModelConfig(dense_ffn_hidden=dense_ffn_width(arch["d_model"]), moe=moe, **arch)

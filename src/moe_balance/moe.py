@@ -19,7 +19,7 @@ from torch import nn
 from .balancing import LossFreeBalancer, build_balancer, loss_name
 from .config import MoEConfig
 from .dispatch import permute, unpermute
-from .experts import SwiGLU, SwiGLUExperts
+from .experts import ConstantExperts, SwiGLU, SwiGLUExperts
 from .routing import RoutingDecision, build_router
 
 
@@ -62,14 +62,16 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.router = build_router(c.d_model, c.num_experts, c.top_k, c.router)
+        self.router = build_router(c.d_model, c.num_routed_experts, c.top_k, c.router)
         self.experts = SwiGLUExperts(c.num_experts, c.d_model, c.expert_hidden_size, c.expert_impl)
+        # MoE++ zero-computation experts, numbered after the FFN experts: zero, copy, constant
+        self.constant_experts = ConstantExperts(c.constant_experts, c.d_model) if c.constant_experts else None
         # k shared SwiGLU experts summed == one SwiGLU with k times the hidden width.
         self.shared_experts = None
         if c.num_shared_experts:
             hidden = c.num_shared_experts * (c.shared_expert_hidden_size or c.expert_hidden_size)
             self.shared_experts = SwiGLU(c.d_model, hidden)
-        self.balancers = nn.ModuleList(build_balancer(s, c.num_experts) for s in c.balancers)
+        self.balancers = nn.ModuleList(build_balancer(s, c.num_routed_experts, c.num_experts) for s in c.balancers)
         self._loss_names = [loss_name(s) for s in c.balancers]
 
     @property
@@ -91,10 +93,34 @@ class MoE(nn.Module):
                             f"{weight.dtype}: cast the input (x.to({weight.dtype})) or the layer "
                             f"(moe.to({x.dtype}))")
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MoEOutput:
+    def _expert_outputs(self, x_AD: torch.Tensor, decision: RoutingDecision) -> torch.Tensor:
+        """Each assignment's expert output, in assignment order. Only the FFN experts' rows
+        (a prefix: assignments are sorted by expert) reach the FFN path; zero experts give 0,
+        copy experts their input, constant experts ``ConstantExperts``, without any matmul."""
+        c = self.config
+        if not c.num_zero_computation_experts:
+            return self.experts(x_AD, decision.tokens_per_expert)
+        counts = decision.tokens_per_expert.tolist()
+        E = c.num_experts
+        n_ffn, n_zero, n_copy = sum(counts[:E]), sum(counts[E:E + c.zero_experts]), \
+            sum(counts[E + c.zero_experts:E + c.zero_experts + c.copy_experts])
+        start_copy, start_constant = n_ffn + n_zero, n_ffn + n_zero + n_copy
+        parts = [self.experts(x_AD[:n_ffn], decision.tokens_per_expert[:E]),
+                 x_AD.new_zeros(n_zero, x_AD.shape[-1]),
+                 x_AD[start_copy:start_constant]]
+        if self.constant_experts is not None:
+            first_constant = E + c.zero_experts + c.copy_experts
+            parts.append(self.constant_experts(x_AD[start_constant:],
+                                               decision.expert_ids[start_constant:] - first_constant))
+        return torch.cat(parts)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                prev_logits: torch.Tensor | None = None) -> MoEOutput:
         """x: (..., d_model), the layer's dtype (or any float dtype under autocast). mask:
         x.shape[:-1] bool, False marks padding tokens, which are not routed (their routed output
-        is 0) and are left out of counts and losses; their values are never read (NaN is fine)."""
+        is 0) and are left out of counts and losses; their values are never read (NaN is fine).
+        prev_logits: (T, E) the previous MoE layer's ``decision.logits``, used with
+        ``RouterConfig(gating_residual=True)`` (ignored otherwise)."""
         D = self.config.d_model
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"MoE input must be a torch.Tensor of shape (..., {D}); got {type(x).__name__}")
@@ -119,10 +145,9 @@ class MoE(nn.Module):
         biased = [b for b in self.balancers if b.selection_bias() is not None]
         bias_E = biased[0].selection_bias() if biased else None
         multiplicative = bool(biased) and biased[0].multiplicative
-        decision = self.router(x_TD, bias_E, mask_T, multiplicative)
+        decision = self.router(x_TD, bias_E, mask_T, multiplicative, prev_logits)
 
-        y_AD = self.experts(permute(x_TD, decision), decision.tokens_per_expert)
-        y_TD = unpermute(y_AD, decision, x_TD.shape[0])
+        y_TD = unpermute(self._expert_outputs(permute(x_TD, decision), decision), decision, x_TD.shape[0])
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
 

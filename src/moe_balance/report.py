@@ -23,7 +23,7 @@ PAPER_RESULTS: list[dict] = [
     {"model": "3B, 200B tokens", "method": "loss_free (u=1e-3)", "val_ppl": 7.92, "maxvio_global": 0.04},
 ]
 
-_AGG_KEYS = ("val_ppl", "experts_per_token", "maxvio_global", "maxvio_static_floor", "maxvio_train_windows", "maxvio_batch",
+_AGG_KEYS = ("val_ppl", "experts_per_token", "ffn_experts_per_token", "maxvio_global", "maxvio_static_floor", "maxvio_train_windows", "maxvio_batch",
              "maxvio_batch_floor", "maxvio_batch_late_std", "val_loss")
 
 BALANCE_THRESHOLD, BALANCE_HOLD = 0.5, 20
@@ -115,6 +115,9 @@ def summarize_run(run_dir, *, method: str, seed: int, wall_seconds: float, train
         "tokens_per_second": train_tokens / wall_seconds,
         "final_loss": losses[-1] if losses else None,
         "experts_per_token": ev.get("experts_per_token"),
+        "ffn_experts_per_token": ev.get("ffn_experts_per_token"),
+        "ffn_compute_saved": ev.get("ffn_compute_saved"),
+        **{k: v for k, v in ev.items() if k.startswith("kind_fraction_")},
         "experts_per_token_hist": ev.get("experts_per_token_hist"),
         "leaks_future": bool(ev.get("leaks_future", False)),
         "run_dir": Path(run_dir).name,
@@ -185,11 +188,20 @@ TABLE_HEADER = ["method", "val PPL", "experts/token", "MaxVio_global", "static f
                 "batch floor", "steps to balance", "late std", "seeds"]
 
 
+def _fmt_experts(row: dict) -> str:
+    """Experts per token; with MoE++ zero-computation experts also the FFN experts among them."""
+    cell = _fmt_stat(row, "experts_per_token", 2)
+    ffn, total = row.get("ffn_experts_per_token_mean"), row.get("experts_per_token_mean")
+    if ffn is not None and total is not None and abs(ffn - total) > 1e-9:
+        cell += f" (FFN {ffn:.2f})"
+    return cell
+
+
 def format_table(results: list[dict]) -> str:
     """Markdown table of aggregate(results), one row per method."""
     rows = [
         [a["method"], _fmt_stat(a, "val_ppl", 2) + (f" {LEAK_MARK}" if a["leaks_future"] else ""),
-         _fmt_stat(a, "experts_per_token", 2), _fmt_stat(a, "maxvio_global", 3),
+         _fmt_experts(a), _fmt_stat(a, "maxvio_global", 3),
          _fmt_stat(a, "maxvio_static_floor", 3), _fmt_stat(a, "maxvio_train_windows", 3),
          _fmt_stat(a, "maxvio_batch", 3), _fmt_stat(a, "maxvio_batch_floor", 3),
          _fmt_balance_steps(a["steps_to_balance"]), _fmt_stat(a, "maxvio_batch_late_std", 3),
@@ -534,7 +546,8 @@ _EXPLANATION = (
     "controller's MaxVio_batch can go much below it; **steps to balance**, the first step from which "
     f"MaxVio_batch stays below {BALANCE_THRESHOLD} for {BALANCE_HOLD} steps; **late std**, the std of "
     "MaxVio_batch over the last 25% of steps (late oscillation); **experts/token**, the mean number "
-    "of routed experts a validation token took (its routed compute; top-K: exactly K). Validation "
+    "of routed experts a validation token took (top-K: exactly K; with MoE++ zero-computation "
+    "experts, the FFN experts among them, its FFN compute, in brackets). Validation "
     "perplexity is exp(validation loss). Lower is better for every column but experts/token."
 )
 

@@ -196,6 +196,8 @@ class Router(nn.Module):
         self.num_experts, self.top_k, self.config = num_experts, top_k, config
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.normal_(self.weight, std=0.02)
+        # MoE++ gating residual: logits += prev_logits @ residual_weight^T, identity at start
+        self.residual_weight = nn.Parameter(torch.eye(num_experts)) if config.gating_residual else None
 
     def selection(self, scores_TE: torch.Tensor, bias_E: torch.Tensor | None = None,
                   multiplicative: bool = False) -> torch.Tensor:
@@ -220,14 +222,22 @@ class Router(nn.Module):
         bias_E: torch.Tensor | None = None,
         token_mask_T: torch.Tensor | None = None,
         multiplicative: bool = False,
+        prev_logits_TE: torch.Tensor | None = None,
     ) -> RoutingDecision:
         """Route (T, D) tokens. bias_E: selection-only bias, added to the scores (or multiplied
-        with them, ``multiplicative``, the paper's multiplicative-bias ablation)."""
+        with them, ``multiplicative``, the paper's multiplicative-bias ablation).
+        prev_logits_TE: the previous MoE layer's logits, added through ``residual_weight`` when
+        ``RouterConfig.gating_residual`` (MoE++), ignored otherwise."""
         cfg = self.config
         # NOTE: logits in float32 whatever the model dtype: bf16 logits flip near-ties in top-K.
         # Autocast would run this matmul in bf16 even on float32 inputs, so it is switched off.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.weight.float())
+            if self.residual_weight is not None and prev_logits_TE is not None:
+                if prev_logits_TE.shape != logits_TE.shape:
+                    raise ValueError(f"prev_logits shape {tuple(prev_logits_TE.shape)} must equal this "
+                                     f"layer's logits shape {tuple(logits_TE.shape)} (same tokens, same experts)")
+                logits_TE = logits_TE + F.linear(prev_logits_TE.float(), self.residual_weight.float())
         if cfg.check_finite and not torch.isfinite(logits_TE).all():
             raise FloatingPointError(
                 "router logits contain NaN or inf (check the input activations and the router "

@@ -30,12 +30,12 @@ from ._files import LOCK_NAME, RunDirectoryError, exclusive_lock, remove_if_unus
 from ._optional import require
 from .balancing import LossFreeBalancer, discard_pending_counts, update_balancers
 from .checkpoint import atomic_write, latest_valid_checkpoint, remove_orphan_temporaries, save_checkpoint
-from .config import is_number
+from .config import MoEConfig, is_number
 from .controller import solve_static_bias
 from .data import TokenizedCorpus, prepare_corpus
 from .methods import get_method
 from .metrics import LoadAccumulator, coefficient_of_variation, dead_experts, max_vio
-from .model import MoETransformer, model_preset
+from .model import EXPERT_KINDS, ModelConfig, MoETransformer, model_preset
 from .report import format_table, summarize_run, write_report
 from .sampling import BatchSampler, eval_windows
 
@@ -73,6 +73,11 @@ class TrainConfig:
     checkpoint_every: int = 100        # 0: only the final checkpoint
     log_every: int = 1
     nonfinite: str = "stop"            # NaN/inf loss, gradient or router logits: "stop" or "skip" the step
+    # MoE++ (None: what the method says; see methods.moe_plus_plus)
+    zero_experts: int | None = None    # zero-computation experts that output 0
+    copy_experts: int | None = None    # ... that output their input
+    constant_experts: int | None = None  # ... that output a learned vector mixed with the input
+    gating_residual: bool | None = None  # add the previous MoE layer's router logits (MoE++)
 
     def __post_init__(self) -> None:
         def integer(value) -> bool:
@@ -90,6 +95,12 @@ class TrainConfig:
             value = getattr(self, name)
             if not (integer(value) and value >= 0):
                 raise ValueError(f"TrainConfig.{name}={value!r} must be an integer >= 0")
+        for name in ("zero_experts", "copy_experts", "constant_experts"):
+            value = getattr(self, name)
+            if value is not None and not (integer(value) and value >= 0):
+                raise ValueError(f"TrainConfig.{name}={value!r} must be an integer >= 0 or None")
+        if self.gating_residual is not None and not isinstance(self.gating_residual, bool):
+            raise ValueError(f"TrainConfig.gating_residual={self.gating_residual!r} must be True, False or None")
         if self.max_train_tokens is not None and not (integer(self.max_train_tokens) and self.max_train_tokens >= 1):
             raise ValueError(f"TrainConfig.max_train_tokens={self.max_train_tokens!r} must be an integer >= 1 or None")
         for name in ("lr", "grad_clip"):
@@ -111,6 +122,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.dtype={self.dtype!r} is not allowed; choose one of {DTYPES}")
         get_method(self.method)  # ValueError listing the known methods
         model_preset(self.preset)  # ValueError listing the known presets
+        model_config(self)  # the method's layer with the MoE++ flags: ValueError naming a bad field
 
 
 # Training budgets per preset (the architecture is in model.PRESETS). Measured on the
@@ -146,11 +158,25 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
 
 
-def build_model(cfg: TrainConfig, vocab_size: int) -> MoETransformer:
+def model_config(cfg: TrainConfig, vocab_size: int | None = None) -> ModelConfig:
+    """The preset's architecture with the method's router, balancers and layer options, and
+    the run's MoE++ flags (when set) over those."""
     method = get_method(cfg.method)
+    layer = dict(method.layer)
+    for name in ("zero_experts", "copy_experts", "constant_experts"):
+        if getattr(cfg, name) is not None:
+            layer[name] = getattr(cfg, name)
+    router = method.router
+    if cfg.gating_residual is not None:
+        router = dataclasses.replace(router, gating_residual=cfg.gating_residual)
+    return model_preset(cfg.preset, vocab_size=vocab_size, seq_len=cfg.seq_len, balancers=method.balancers,
+                        router=router, moe_overrides=layer)
+
+
+def build_model(cfg: TrainConfig, vocab_size: int) -> MoETransformer:
+    config = model_config(cfg, vocab_size)
     torch.manual_seed(cfg.seed)
-    return MoETransformer(model_preset(cfg.preset, vocab_size=vocab_size, seq_len=cfg.seq_len,
-                                       balancers=method.balancers, router=method.router))
+    return MoETransformer(config)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
@@ -195,11 +221,13 @@ def evaluate(model: MoETransformer, corpus: TokenizedCorpus, cfg: TrainConfig) -
     loss_sum, token_count = 0.0, 0
     scores = [[] for _ in model.moe_layers]  # each layer's (T, E) validation scores
     # tokens by number of experts chosen (0..E), summed over layers: top-p and expert choice vary
-    experts_hist = torch.zeros(experts + 1, dtype=torch.int64)
+    routed = model.config.moe.num_routed_experts  # FFN experts plus MoE++ zero-computation ones
+    experts_hist = torch.zeros(routed + 1, dtype=torch.int64)
+    kinds_L4 = torch.zeros(layers, 4, dtype=torch.int64)
 
     def record(i, decision):
         scores[i].append(decision.scores.cpu())
-        experts_hist.add_(torch.bincount(decision.experts_per_token.cpu(), minlength=experts + 1))
+        experts_hist.add_(torch.bincount(decision.experts_per_token.cpu(), minlength=routed + 1))
 
     hooks = [layer.register_forward_hook(lambda mod, args, out, i=i: record(i, out.decision))
              for i, layer in enumerate(model.moe_layers)]
@@ -214,6 +242,7 @@ def evaluate(model: MoETransformer, corpus: TokenizedCorpus, cfg: TrainConfig) -
             token_count += n
             total.add(out.layer_loads)
             per_domain[corpus.domains[d]].add(out.layer_loads)
+            kinds_L4 += torch.stack(out.layer_kind_loads).cpu()
     for hook in hooks:
         hook.remove()
     # The same budget of fixed windows from the training files: balance in distribution.
@@ -231,20 +260,27 @@ def evaluate(model: MoETransformer, corpus: TokenizedCorpus, cfg: TrainConfig) -
         hook.remove()
     model.train(was_training)
     val_loss = loss_sum / max(1, token_count)
-    floor_L = static_bias_floor(model, [torch.cat(s) for s in scores])
-    final_L, batch_floor_L = batch_balance(model, [torch.cat(s) for s in train_scores],
-                                           seq_len=cfg.seq_len, batch_windows=cfg.batch_size)
+    floor_L = final_L = batch_floor_L = None
+    # NOTE: the floors solve for equal loads over every routed expert; with MoE++ experts the
+    # targets differ by kind (tau, zero_computation_share), so they are not reported there
+    if not model.config.moe.num_zero_computation_experts:
+        floor_L = static_bias_floor(model, [torch.cat(s) for s in scores])
+        final_L, batch_floor_L = batch_balance(model, [torch.cat(s) for s in train_scores],
+                                               seq_len=cfg.seq_len, batch_windows=cfg.batch_size)
+    mean = lambda xs: None if xs is None else sum(xs) / len(xs)  # noqa: E731
     result = {
         "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": token_count,
         "maxvio_global": total.maxvio(), "maxvio_global_layers": total.maxvio_per_layer(),
-        "maxvio_static_floor": sum(floor_L) / len(floor_L), "maxvio_static_floor_layers": floor_L,
+        "maxvio_static_floor": mean(floor_L), "maxvio_static_floor_layers": floor_L,
         "maxvio_train_windows": train_windows.maxvio(),
-        "maxvio_batch_final": sum(final_L) / len(final_L),
-        "maxvio_batch_floor": sum(batch_floor_L) / len(batch_floor_L), "maxvio_batch_floor_layers": batch_floor_L,
+        "maxvio_batch_final": mean(final_L),
+        "maxvio_batch_floor": mean(batch_floor_L), "maxvio_batch_floor_layers": batch_floor_L,
         "expert_load": total.counts.tolist(),
-        "experts_per_token": float((experts_hist * torch.arange(experts + 1)).sum() / experts_hist.sum().clamp_min(1)),
+        "experts_per_token": float((experts_hist * torch.arange(routed + 1)).sum() / experts_hist.sum().clamp_min(1)),
         "experts_per_token_hist": experts_hist.tolist(),
+        "ffn_experts_per_token": float(kinds_L4[:, 0].double().mean()) / max(token_count, 1),
         "leaks_future": get_method(cfg.method).leaks_future,
+        **kind_metrics(kinds_L4, model.config.moe, token_count),
     }
     if len(corpus.domains) > 1:
         result["domain_load"] = {d: acc.counts.tolist() for d, acc in per_domain.items()}
@@ -315,6 +351,19 @@ def batch_balance(model: MoETransformer, scores_per_layer: list[torch.Tensor], *
         finals.append(per_bias[0])
         floors.append(min(per_bias))  # both are single static vectors: the better one bounds the floor
     return finals, floors
+
+
+def kind_metrics(kinds_L4: torch.Tensor, moe: MoEConfig, tokens: int) -> dict:
+    """For layers with MoE++ zero-computation experts: the fraction of assignments each expert
+    kind took and the FFN compute saved per token against top_k FFN experts,
+    1 - (FFN assignments per token) / top_k, averaged over layers. Empty for plain layers."""
+    if not moe.num_zero_computation_experts:
+        return {}
+    kinds = kinds_L4.double()
+    fractions = (kinds / kinds.sum(-1, keepdim=True).clamp_min(1)).mean(0)
+    ffn_per_token = kinds[:, 0].mean() / max(tokens, 1)
+    return {**{f"kind_fraction_{kind}": float(f) for kind, f in zip(EXPERT_KINDS, fractions)},
+            "ffn_compute_saved": float(1 - ffn_per_token / moe.top_k)}
 
 
 def _training_state(model, optimizer, scheduler, step: int) -> dict:
@@ -513,7 +562,7 @@ def _train_step(model, optimizer, scheduler, sampler, cfg: TrainConfig, step: in
     the optimizer and the biases are untouched, the learning-rate schedule still advances (the
     rate at step s stays the schedule's value at s), and the record says ``"skipped": true``.
     """
-    loads_LE = None
+    loads_LE = kinds_L4 = None
     sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0}
     lr = optimizer.param_groups[0]["lr"]
     problem = None
@@ -527,6 +576,8 @@ def _train_step(model, optimizer, scheduler, sampler, cfg: TrainConfig, step: in
                 sums[key] += getattr(out, key).item() / cfg.grad_accum
             loads = torch.stack(out.layer_loads)
             loads_LE = loads if loads_LE is None else loads_LE + loads
+            kinds = torch.stack(out.layer_kind_loads)
+            kinds_L4 = kinds if kinds_L4 is None else kinds_L4 + kinds
     except FloatingPointError as err:  # the router's check_finite, with the layer it happened in
         problem = str(err)
         grad_norm = float("nan")
@@ -551,7 +602,8 @@ def _train_step(model, optimizer, scheduler, sampler, cfg: TrainConfig, step: in
     vio_L = max_vio(loads_LE)
     tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len  # training windows have no padding
     record = {"step": step, **sums, "lr": lr, "grad_norm": grad_norm,
-              "experts_per_token": float(loads_LE.sum()) / (loads_LE.shape[0] * tokens),
+              "experts_per_token": float(kinds_L4.sum()) / (kinds_L4.shape[0] * tokens),
+              **kind_metrics(kinds_L4, model.config.moe, tokens),
               "maxvio_batch": float(vio_L.mean()), "maxvio_batch_layers": vio_L.tolist(),
               "cv": float(coefficient_of_variation(loads_LE).mean()),
               "dead_experts": int(dead_experts(loads_LE).sum())}
