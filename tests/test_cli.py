@@ -12,7 +12,8 @@ def test_methods_lists_every_registered_method(capsys):
     names = [line.split()[0] for line in lines if not line.startswith(" ")]
     assert names == [m.name for m in list_methods()]
     for required in ("no_balance", "aux_loss", "aux_loss_1e-2", "seq_aux", "global_aux", "loss_free",
-                     "deepseek_v3", "expert_choice", "top_p", "top_p_loss_free", "moge", "moge_loss_free"):
+                     "deepseek_v3", "expert_choice", "top_p", "top_p_loss_free", "moge", "moge_loss_free",
+                     "moe_plus_plus", "moe_plus_plus_loss_free", "hmoe", "hmoe_loss_free"):
         assert required in names
     # each method's paper, on the line under it
     references = {name: line.split("reference: ", 1)[1]
@@ -43,10 +44,11 @@ def test_sweep_runs_the_papers_ablations():
                                       "loss_free_adaptive_mult"]
     assert _sweep_methods("routers") == ["aux_loss", "loss_free_adaptive", "expert_choice", "top_p",
                                          "top_p_loss_free", "moge", "moge_loss_free"]
-    assert _sweep_methods("experts") == ["loss_free", "loss_free_adaptive", "moe_plus_plus", "moe_plus_plus_loss_free"]
+    assert _sweep_methods("experts") == ["loss_free", "loss_free_adaptive", "moe_plus_plus", "moe_plus_plus_loss_free",
+                                         "hmoe", "hmoe_loss_free"]
     everything = _sweep_methods("all")
     # each recipe once: aux_loss == aux_loss_1e-3 and loss_free == loss_free_u1e-3
-    assert len(everything) == len(set(everything)) == 18
+    assert len(everything) == len(set(everything)) == 20
     assert "aux_loss" not in everything and "loss_free_u1e-3" not in everything  # first name kept
 
 

@@ -198,9 +198,15 @@ def test_tiny_compare_of_the_routers(base, tmp_path):
     cfg = base.__class__(**{**base.__dict__, "steps": 6, "checkpoint_every": 0})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CausalLeakWarning)
-        results = compare(["expert_choice", "top_p_loss_free", "moge", "moe_plus_plus_loss_free"], [0], cfg,
-                          tmp_path, progress=False)
+        results = compare(["expert_choice", "top_p_loss_free", "moge", "moe_plus_plus_loss_free", "hmoe_loss_free"],
+                          [0], cfg, tmp_path, progress=False)
     rows = {r["method"]: r for r in results}
+    # HMoE (tiny: widths 8, 24, 40, 56 twice, d_model 64, top-2, one MoE layer): compute metrics
+    hm, mg_row = rows["hmoe_loss_free"], rows["moge"]
+    assert hm["maxvio_compute"] != hm["maxvio_global"] and mg_row["maxvio_compute"] == pytest.approx(mg_row["maxvio_global"])
+    assert mg_row["routed_params_per_token"] == pytest.approx(2 * 3 * 64 * 32)  # 2 experts of width 32
+    assert 2 * 3 * 64 * 8 <= hm["routed_params_per_token"] <= 2 * 3 * 64 * 56
+    assert "maxvio_compute" in read_jsonl(tmp_path / "hmoe_loss_free_s0" / "metrics.jsonl")[-1]
     # MoE++: kind fractions sum to 1, FFN experts per token = top_k * (1 - saved), 4 more experts routed
     pp = rows["moe_plus_plus_loss_free"]
     assert sum(pp[f"kind_fraction_{k}"] for k in ("ffn", "zero", "copy", "constant")) == pytest.approx(1.0)
@@ -224,7 +230,7 @@ def test_tiny_compare_of_the_routers(base, tmp_path):
     report = (tmp_path / "report.md").read_text()
     ec_line = next(line for line in report.splitlines() if line.startswith("| expert_choice |"))
     assert "†" in ec_line and "2.00" in ec_line
-    assert "not comparable" in report and "### Experts per token" in report
+    assert "not comparable" in report and "### Experts per token" in report and "### Compute per token" in report
     pp_line = next(line for line in report.splitlines() if line.startswith("| moe_plus_plus_loss_free |"))
     assert f"2.00 (FFN {pp['ffn_experts_per_token']:.2f})" in pp_line
 

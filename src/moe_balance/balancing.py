@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import controller
-from .config import AuxLoss, BalancerSpec, DynamicLoss, LossFree, ZLoss
+from .config import AuxLoss, BalancerSpec, DynamicLoss, LossFree, ParameterPenalty, ZLoss
 from .routing import RoutingDecision
 
 
@@ -163,6 +163,30 @@ class Balancer(nn.Module):
                 buffer.zero_()
 
 
+def target_shares(spec: LossFree, num_experts: int, num_ffn_experts: int | None = None,
+                  hidden_sizes: tuple[int, ...] | None = None) -> torch.Tensor | None:
+    """(E,) float64 target share of the assignments per expert, summing to 1, or None for equal
+    shares. The zero-computation experts (numbered after the FFN ones) share
+    ``zero_computation_share`` equally; the FFN experts share the rest equally, or in
+    proportion to 1 / H_i with ``balance="compute"`` (equal tokens x width)."""
+    ffn = num_experts if num_ffn_experts is None else num_ffn_experts
+    share = spec.zero_computation_share
+    if share is None and spec.balance == "tokens":
+        return None
+    if share is not None and ffn >= num_experts:
+        raise ValueError("LossFree.zero_computation_share needs zero-computation experts")
+    weights = torch.ones(ffn, dtype=torch.float64)
+    if spec.balance == "compute":
+        if hidden_sizes is None or len(hidden_sizes) != ffn:
+            raise ValueError("LossFree(balance='compute') needs one hidden size per FFN expert")
+        weights = 1 / torch.tensor(hidden_sizes, dtype=torch.float64)
+    if share is None:  # no zero-computation target: they stay at equal shares with the FFN experts
+        share = (num_experts - ffn) / num_experts
+    ffn_share = (1 - share) * weights / weights.sum()
+    rest = num_experts - ffn
+    return torch.cat([ffn_share, torch.full((rest,), share / max(rest, 1), dtype=torch.float64)])
+
+
 class LossFreeBalancer(Balancer):
     """Auxiliary-Loss-Free Balancing (Wang et al. 2024, arXiv 2408.15664, Algorithm 1).
 
@@ -175,20 +199,12 @@ class LossFreeBalancer(Balancer):
 
     observes_counts = True
 
-    def __init__(self, spec: LossFree, num_experts: int, num_ffn_experts: int | None = None):
+    def __init__(self, spec: LossFree, num_experts: int, num_ffn_experts: int | None = None,
+                 hidden_sizes: tuple[int, ...] | None = None):
         super().__init__()
         self.spec = spec
         self.multiplicative = spec.form == "multiplicative"
-        # each expert's target share of the assignments (None: equal shares, the mean load)
-        self.target_share = None
-        if spec.zero_computation_share is not None:
-            ffn = num_ffn_experts if num_ffn_experts is not None else num_experts
-            if ffn >= num_experts:
-                raise ValueError("LossFree.zero_computation_share needs zero-computation experts")
-            share = spec.zero_computation_share
-            self.target_share = torch.cat([torch.full((ffn,), (1 - share) / ffn, dtype=torch.float64),
-                                           torch.full((num_experts - ffn,), share / (num_experts - ffn),
-                                                      dtype=torch.float64)])
+        self.target_share = target_shares(spec, num_experts, num_ffn_experts, hidden_sizes)
         start = torch.ones if self.multiplicative else torch.zeros
         self.register_buffer("expert_bias", start(num_experts, dtype=torch.float32))
         self.register_buffer("pending_counts", torch.zeros(num_experts, dtype=torch.int64))
@@ -293,7 +309,8 @@ class AuxLossBalancer(Balancer):
     covers the global batch seen so far (Qiu et al. 2025, arXiv 2501.11873).
     """
 
-    def __init__(self, spec: AuxLoss, num_experts: int, num_ffn_experts: int | None = None):
+    def __init__(self, spec: AuxLoss, num_experts: int, num_ffn_experts: int | None = None,
+                 hidden_sizes: tuple[int, ...] | None = None):
         super().__init__()
         self.spec = spec
         self.observes_counts = spec.scope == "global_batch"
@@ -334,7 +351,8 @@ class AuxLossBalancer(Balancer):
 class ZLossBalancer(Balancer):
     """Router z-loss: coeff * mean_t logsumexp(z_t)^2 (ST-MoE, eq. 5)."""
 
-    def __init__(self, spec: ZLoss, num_experts: int, num_ffn_experts: int | None = None):
+    def __init__(self, spec: ZLoss, num_experts: int, num_ffn_experts: int | None = None,
+                 hidden_sizes: tuple[int, ...] | None = None):
         super().__init__()
         self.spec = spec
 
@@ -345,7 +363,8 @@ class ZLossBalancer(Balancer):
 class DynamicLossBalancer(Balancer):
     """Dynamic top-p's entropy penalty: coeff * mean_t H(P_t) (Huang et al. 2024, eq. 6)."""
 
-    def __init__(self, spec: DynamicLoss, num_experts: int, num_ffn_experts: int | None = None):
+    def __init__(self, spec: DynamicLoss, num_experts: int, num_ffn_experts: int | None = None,
+                 hidden_sizes: tuple[int, ...] | None = None):
         super().__init__()
         self.spec = spec
 
@@ -353,16 +372,35 @@ class DynamicLossBalancer(Balancer):
         return self.spec.coeff * dynamic_loss(decision.scores, decision.token_mask)
 
 
+class ParameterPenaltyBalancer(Balancer):
+    """HMoE's parameter penalty: coeff * N * sum_i (H_i / mean H) f_i P_i (``ParameterPenalty``)."""
+
+    def __init__(self, spec: ParameterPenalty, num_experts: int, num_ffn_experts: int | None = None,
+                 hidden_sizes: tuple[int, ...] | None = None):
+        super().__init__()
+        self.spec = spec
+        if hidden_sizes is None:
+            raise ValueError("ParameterPenalty needs the experts' hidden sizes")
+        sizes = torch.tensor(hidden_sizes, dtype=torch.float32)
+        self.size_weights = torch.cat([sizes / sizes.mean(), torch.zeros(num_experts - len(hidden_sizes))])
+
+    def loss(self, decision: RoutingDecision, batch_shape: torch.Size) -> torch.Tensor:
+        return self.spec.coeff * switch_loss_from_counts(
+            normalized_probs(decision.scores), decision.routed_tokens_per_expert, decision.token_mask,
+            self.size_weights.to(decision.scores.device))
+
+
 _BUILDERS = {LossFree: LossFreeBalancer, AuxLoss: AuxLossBalancer, ZLoss: ZLossBalancer,
-             DynamicLoss: DynamicLossBalancer}
-_LOSS_NAMES = {ZLoss: "z_loss", DynamicLoss: "dynamic_loss"}
+             DynamicLoss: DynamicLossBalancer, ParameterPenalty: ParameterPenaltyBalancer}
+_LOSS_NAMES = {ZLoss: "z_loss", DynamicLoss: "dynamic_loss", ParameterPenalty: "parameter_penalty"}
 
 
-def build_balancer(spec: BalancerSpec, num_experts: int, num_ffn_experts: int | None = None) -> Balancer:
+def build_balancer(spec: BalancerSpec, num_experts: int, num_ffn_experts: int | None = None,
+                   hidden_sizes: tuple[int, ...] | None = None) -> Balancer:
     """The stateful module implementing a balancer spec for a router over ``num_experts``
     experts, the first ``num_ffn_experts`` of them FFN experts (default: all; MoE++
-    zero-computation experts come after them)."""
-    return _BUILDERS[type(spec)](spec, num_experts, num_ffn_experts)
+    zero-computation experts come after them) of widths ``hidden_sizes`` (HMoE)."""
+    return _BUILDERS[type(spec)](spec, num_experts, num_ffn_experts, hidden_sizes)
 
 
 def loss_name(spec: BalancerSpec) -> str:

@@ -17,6 +17,7 @@ SCORE_FNS = ("sigmoid", "softmax")
 DROP_POLICIES = ("probs", "position")
 LOSS_FREE_RULES = ("sign", "error", "adaptive")
 LOSS_FREE_FORMS = ("additive", "multiplicative")
+LOSS_FREE_BALANCE = ("tokens", "compute")
 AUX_SCOPES = ("micro_batch", "sequence", "global_batch")
 EXPERT_IMPLS = ("auto", "loop", "bmm", "grouped_mm")
 ROUTER_METHODS = ("top_k", "expert_choice", "top_p", "grouped")
@@ -201,6 +202,10 @@ class LossFree:
     all assignments the zero-computation experts should take together, split equally among
     them; the FFN experts share the rest equally. Every rule above then compares each expert's
     load with its own target instead of the mean (None: every expert the same target).
+
+    ``balance="compute"`` (heterogeneous experts, ``MoEConfig.expert_hidden_sizes``): the FFN
+    experts' targets are proportional to 1 / H_i, so each expert's compute (tokens x width) is
+    equal rather than its token count; "tokens" (default) equalises tokens.
     """
 
     update_rate: float = 1e-3
@@ -214,9 +219,11 @@ class LossFree:
     center: bool = False
     freeze_after_steps: int | None = None
     zero_computation_share: float | None = None
+    balance: str = "tokens"
 
     def __post_init__(self) -> None:
         _non_negative("LossFree", "update_rate", self.update_rate)
+        _choice("LossFree", "balance", self.balance, LOSS_FREE_BALANCE)
         if self.zero_computation_share is not None and not (
                 is_number(self.zero_computation_share) and 0 < self.zero_computation_share < 1):
             raise ValueError(f"LossFree.zero_computation_share={self.zero_computation_share!r} must be a "
@@ -288,8 +295,22 @@ class DynamicLoss:
         _non_negative("DynamicLoss", "coeff", self.coeff)
 
 
-BalancerSpec = Union[LossFree, AuxLoss, ZLoss, DynamicLoss]
-BALANCER_SPECS = (LossFree, AuxLoss, ZLoss, DynamicLoss)
+@dataclass(frozen=True, kw_only=True)
+class ParameterPenalty:
+    """HMoE's parameter penalty (Wang et al. 2024, arXiv 2408.10681): the Switch loss with each
+    expert's load fraction weighted by its size, coeff * N * sum_i (H_i / mean(H)) f_i P_i over the
+    FFN experts (H_i: hidden width), so routing a token to a large expert costs more than to a
+    small one and the router learns to favour small experts. Needs
+    ``MoEConfig.expert_hidden_sizes``; zero-computation experts (no parameters) weigh 0."""
+
+    coeff: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _non_negative("ParameterPenalty", "coeff", self.coeff)
+
+
+BalancerSpec = Union[LossFree, AuxLoss, ZLoss, DynamicLoss, ParameterPenalty]
+BALANCER_SPECS = (LossFree, AuxLoss, ZLoss, DynamicLoss, ParameterPenalty)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -297,7 +318,10 @@ class MoEConfig:
     """One MoE layer: N routed SwiGLU experts (top-K of them per token) plus shared experts.
 
     expert_hidden_size: hidden width of each routed expert (fine-grained experts are narrow).
-    shared_expert_hidden_size: width of each shared expert (default: expert_hidden_size).
+    expert_hidden_sizes: instead, one width per routed FFN expert (HMoE's heterogeneous experts,
+        Wang et al. 2024, arXiv 2408.10681); exactly one of the two is given.
+    shared_expert_hidden_size: width of each shared expert (default: expert_hidden_size, or the
+        mean of expert_hidden_sizes rounded).
     expert_impl: "loop" (reference), "bmm" (padded batched matmul), "grouped_mm"
         (``torch._grouped_mm``, where the device supports it) or "auto" (fastest available).
     zero_experts, copy_experts, constant_experts: MoE++ zero-computation experts (Jin et al.
@@ -310,7 +334,8 @@ class MoEConfig:
     d_model: int
     num_experts: int
     top_k: int
-    expert_hidden_size: int
+    expert_hidden_size: int | None = None
+    expert_hidden_sizes: tuple[int, ...] | None = None
     num_shared_experts: int = 0
     shared_expert_hidden_size: int | None = None
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -329,6 +354,15 @@ class MoEConfig:
         """The router's width: FFN experts, then zero, copy and constant experts."""
         return self.num_experts + self.num_zero_computation_experts
 
+    @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        """Each routed FFN expert's hidden width."""
+        return self.expert_hidden_sizes or (self.expert_hidden_size,) * self.num_experts
+
+    @property
+    def default_shared_hidden_size(self) -> int:
+        return self.shared_expert_hidden_size or round(sum(self.hidden_sizes) / self.num_experts)
+
     def expert_kinds(self) -> tuple[str, ...]:
         """Each routed expert's kind, in routing order: "ffn", "zero", "copy" or "constant"."""
         return (("ffn",) * self.num_experts + ("zero",) * self.zero_experts
@@ -338,7 +372,18 @@ class MoEConfig:
         _positive_int("MoEConfig", "d_model", self.d_model)
         _positive_int("MoEConfig", "num_experts", self.num_experts)
         _positive_int("MoEConfig", "top_k", self.top_k)
-        _positive_int("MoEConfig", "expert_hidden_size", self.expert_hidden_size)
+        if (self.expert_hidden_size is None) == (self.expert_hidden_sizes is None):
+            raise ValueError("MoEConfig needs exactly one of expert_hidden_size (every expert the same width) "
+                             "and expert_hidden_sizes (one width per expert, HMoE); got "
+                             f"expert_hidden_size={self.expert_hidden_size!r}, "
+                             f"expert_hidden_sizes={self.expert_hidden_sizes!r}")
+        if self.expert_hidden_size is not None:
+            _positive_int("MoEConfig", "expert_hidden_size", self.expert_hidden_size)
+        else:
+            if not (isinstance(self.expert_hidden_sizes, tuple) and len(self.expert_hidden_sizes) == self.num_experts
+                    and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in self.expert_hidden_sizes)):
+                raise ValueError(f"MoEConfig.expert_hidden_sizes={self.expert_hidden_sizes!r} must be a tuple of "
+                                 f"num_experts={self.num_experts} integers >= 1")
         _positive_int("MoEConfig", "num_shared_experts", self.num_shared_experts, minimum=0)
         if self.shared_expert_hidden_size is not None:
             _positive_int("MoEConfig", "shared_expert_hidden_size", self.shared_expert_hidden_size)
@@ -351,10 +396,11 @@ class MoEConfig:
             raise ValueError(
                 f"MoEConfig.top_k={self.top_k} must be <= num_experts={self.num_experts}"
                 + (f" + {Z} zero-computation experts" if Z else ""))
-        if self.expert_impl == "grouped_mm" and (self.d_model % 8 or self.expert_hidden_size % 8):
+        widest = max(self.hidden_sizes)  # heterogeneous experts run zero-padded to the widest
+        if self.expert_impl == "grouped_mm" and (self.d_model % 8 or widest % 8):
             # torch._grouped_mm needs 16-byte aligned rows: multiples of 8 elements cover bf16 too
             raise ValueError(f"MoEConfig.expert_impl='grouped_mm' needs d_model and expert_hidden_size "
-                             f"to be multiples of 8 (got {self.d_model} and {self.expert_hidden_size}); "
+                             f"to be multiples of 8 (got {self.d_model} and {widest}); "
                              "use expert_impl='auto', which falls back to 'bmm'")
         if not isinstance(self.router, RouterConfig):
             raise ValueError(f"MoEConfig.router must be a RouterConfig, got {type(self.router).__name__}")
@@ -364,7 +410,8 @@ class MoEConfig:
         for spec in self.balancers:
             if not isinstance(spec, BALANCER_SPECS):
                 raise ValueError(
-                    f"MoEConfig.balancers contains {spec!r}; allowed: LossFree, AuxLoss, ZLoss, DynamicLoss")
+                    f"MoEConfig.balancers contains {spec!r}; allowed: LossFree, AuxLoss, ZLoss, DynamicLoss, "
+                    "ParameterPenalty")
         if sum(isinstance(s, LossFree) for s in self.balancers) > 1:
             raise ValueError("MoEConfig.balancers may contain at most one LossFree balancer")
         router = self.router
@@ -400,3 +447,9 @@ class MoEConfig:
             if isinstance(spec, AuxLoss) and spec.zero_computation_weight != 1.0 and not Z:
                 raise ValueError("AuxLoss.zero_computation_weight weights zero-computation experts: set "
                                  "MoEConfig zero_experts, copy_experts or constant_experts")
+            if isinstance(spec, ParameterPenalty) and self.expert_hidden_sizes is None:
+                raise ValueError("ParameterPenalty weights experts by their size: it needs "
+                                 "MoEConfig.expert_hidden_sizes (heterogeneous experts)")
+            if isinstance(spec, LossFree) and spec.balance == "compute" and self.expert_hidden_sizes is None:
+                raise ValueError("LossFree(balance='compute') needs MoEConfig.expert_hidden_sizes: with equal "
+                                 "widths, equal compute is equal tokens (use the default balance='tokens')")

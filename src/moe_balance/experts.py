@@ -3,7 +3,8 @@
 Shape legend: E experts, A assignments (rows grouped by expert), D d_model, H expert hidden,
 C padded rows per expert.
 
-``loop`` is the reference implementation, kept forever: a plain Python loop over experts.
+``loop`` is the reference implementation, kept forever: a plain Python loop over experts
+(each at its own width for heterogeneous experts).
 ``bmm`` pads every expert's rows to the largest group and runs one batched matmul.
 ``grouped_mm`` uses ``torch._grouped_mm`` (one kernel over ragged groups) where the device and
 dtype support it. Tests check the fast paths against ``loop``, gradients included.
@@ -81,7 +82,64 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-class SwiGLUExperts(nn.Module):
+class _RoutedExperts(nn.Module):
+    """The compute paths shared by equal-width and heterogeneous experts. A subclass gives
+    ``expert_weights(e)`` (expert e's own w_gate (D, H_e), w_up (D, H_e), w_down (H_e, D)),
+    ``stacked()`` ((E, D, H), (E, D, H), (E, H, D), zero-padded to the widest expert) and
+    ``num_experts``. Zero padding is exact: a padded unit has silu(0) * up = 0 and a zero row
+    of w_down, so it adds nothing and receives zero gradient."""
+
+    impl: str
+
+    def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x_AD: torch.Tensor, tokens_per_expert: torch.Tensor, impl: str | None = None
+                ) -> torch.Tensor:
+        """Apply expert e to its block of rows; rows are grouped by expert in order."""
+        impl = impl or self.impl
+        if impl == "loop":
+            return self._loop(x_AD, tokens_per_expert)
+        w_gate, w_up, w_down = self.stacked()
+        if impl == "auto":
+            # _grouped_mm wants 16-byte aligned rows (D and H multiples of 8 in bf16).
+            aligned = all(n * x_AD.element_size() % 16 == 0 for n in w_up.shape[1:])
+            usable = aligned and grouped_mm_supported(x_AD.device.type, x_AD.dtype)
+            impl = "grouped_mm" if usable else "bmm"
+        if impl == "bmm":
+            return _bmm_swiglu(x_AD, tokens_per_expert, w_gate, w_up, w_down)
+        if impl == "grouped_mm":
+            offs = torch.cumsum(tokens_per_expert, 0).to(device=x_AD.device, dtype=torch.int32)
+            h_AH = F.silu(_grouped(x_AD, w_gate, offs)) * _grouped(x_AD, w_up, offs)
+            return _grouped(h_AH, w_down, offs)
+        raise ValueError(f"expert impl={impl!r} is not allowed; choose loop, bmm, grouped_mm or auto")
+
+    def _loop(self, x_AD, tokens_per_expert):
+        outputs = []
+        for e, x_e in enumerate(torch.split(x_AD, tokens_per_expert.tolist())):
+            outputs.append(_swiglu(x_e, *self.expert_weights(e)))
+        return torch.cat(outputs) if outputs else x_AD.new_zeros(0, x_AD.shape[-1])
+
+
+def _bmm_swiglu(x_AD, tokens_per_expert, w_gate, w_up, w_down):
+    """Pad every expert's rows to the largest group, then one batched matmul per weight."""
+    E, A = w_gate.shape[0], x_AD.shape[0]
+    if A == 0:
+        return x_AD.new_zeros(0, w_down.shape[-1])
+    counts = tokens_per_expert.to(x_AD.device)
+    expert_ids = torch.repeat_interleave(torch.arange(E, device=x_AD.device), counts, output_size=A)
+    rank = torch.arange(A, device=x_AD.device) - (torch.cumsum(counts, 0) - counts)[expert_ids]
+    C = int(counts.max())
+    x_ECD = x_AD.new_zeros(E, C, x_AD.shape[-1]).index_put((expert_ids, rank), x_AD)
+    h_ECH = F.silu(torch.bmm(x_ECD, w_gate)) * torch.bmm(x_ECD, w_up)
+    y_ECD = torch.bmm(h_ECH, w_down)
+    return y_ECD[expert_ids, rank]
+
+
+class SwiGLUExperts(_RoutedExperts):
     """E routed SwiGLU experts with weights w_gate, w_up (E, D, H) and w_down (E, H, D)."""
 
     def __init__(self, num_experts: int, d_model: int, hidden_size: int, impl: str = "auto",
@@ -96,46 +154,44 @@ class SwiGLUExperts(nn.Module):
     def num_experts(self) -> int:
         return self.w_gate.shape[0]
 
-    def forward(self, x_AD: torch.Tensor, tokens_per_expert: torch.Tensor, impl: str | None = None
-                ) -> torch.Tensor:
-        """Apply expert e to its block of rows; rows are grouped by expert in order."""
-        impl = impl or self.impl
-        if impl == "auto":
-            # _grouped_mm wants 16-byte aligned rows (D and H multiples of 8 in bf16).
-            aligned = all(n * x_AD.element_size() % 16 == 0 for n in self.w_up.shape[1:])
-            usable = aligned and grouped_mm_supported(x_AD.device.type, x_AD.dtype)
-            impl = "grouped_mm" if usable else "bmm"
-        if impl == "loop":
-            return self._loop(x_AD, tokens_per_expert)
-        if impl == "bmm":
-            return self._bmm(x_AD, tokens_per_expert)
-        if impl == "grouped_mm":
-            return self._grouped_mm(x_AD, tokens_per_expert)
-        raise ValueError(f"expert impl={impl!r} is not allowed; choose loop, bmm, grouped_mm or auto")
+    @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        return (self.w_gate.shape[-1],) * self.num_experts
 
-    def _loop(self, x_AD, tokens_per_expert):
-        outputs = []
-        for e, x_e in enumerate(torch.split(x_AD, tokens_per_expert.tolist())):
-            outputs.append(_swiglu(x_e, self.w_gate[e], self.w_up[e], self.w_down[e]))
-        return torch.cat(outputs) if outputs else x_AD.new_zeros(0, self.w_down.shape[-1])
+    def expert_weights(self, e):
+        return self.w_gate[e], self.w_up[e], self.w_down[e]
 
-    def _bmm(self, x_AD, tokens_per_expert):
-        E, A = self.num_experts, x_AD.shape[0]
-        if A == 0:
-            return x_AD.new_zeros(0, self.w_down.shape[-1])
-        counts = tokens_per_expert.to(x_AD.device)
-        expert_ids = torch.repeat_interleave(torch.arange(E, device=x_AD.device), counts, output_size=A)
-        rank = torch.arange(A, device=x_AD.device) - (torch.cumsum(counts, 0) - counts)[expert_ids]
-        C = int(counts.max())
-        x_ECD = x_AD.new_zeros(E, C, x_AD.shape[-1]).index_put((expert_ids, rank), x_AD)
-        h_ECH = F.silu(torch.bmm(x_ECD, self.w_gate)) * torch.bmm(x_ECD, self.w_up)
-        y_ECD = torch.bmm(h_ECH, self.w_down)
-        return y_ECD[expert_ids, rank]
+    def stacked(self):
+        return self.w_gate, self.w_up, self.w_down
 
-    def _grouped_mm(self, x_AD, tokens_per_expert):
-        offs = torch.cumsum(tokens_per_expert, 0).to(device=x_AD.device, dtype=torch.int32)
-        h_AH = F.silu(_grouped(x_AD, self.w_gate, offs)) * _grouped(x_AD, self.w_up, offs)
-        return _grouped(h_AH, self.w_down, offs)
+
+class HeterogeneousSwiGLUExperts(_RoutedExperts):
+    """E routed SwiGLU experts of different widths (HMoE, Wang et al. 2024, arXiv 2408.10681):
+    expert e has its own w_gate_e, w_up_e (D, H_e) and w_down_e (H_e, D), stored at their true
+    sizes (parameter counts are exact). ``loop`` runs each at its width (the reference); ``bmm``
+    and ``grouped_mm`` run on weights zero-padded to the widest expert, which is exact."""
+
+    def __init__(self, d_model: int, hidden_sizes: tuple[int, ...], impl: str = "auto", init_std: float = 0.02):
+        super().__init__()
+        self.impl = impl
+        self.hidden_sizes = tuple(hidden_sizes)
+        self.w_gate = nn.ParameterList(nn.Parameter(torch.randn(d_model, h) * init_std) for h in self.hidden_sizes)
+        self.w_up = nn.ParameterList(nn.Parameter(torch.randn(d_model, h) * init_std) for h in self.hidden_sizes)
+        self.w_down = nn.ParameterList(nn.Parameter(torch.randn(h, d_model) * init_std) for h in self.hidden_sizes)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.hidden_sizes)
+
+    def expert_weights(self, e):
+        return self.w_gate[e], self.w_up[e], self.w_down[e]
+
+    def stacked(self):
+        widest = max(self.hidden_sizes)
+        pad_cols = [F.pad(w, (0, widest - w.shape[1])) for w in self.w_gate], \
+            [F.pad(w, (0, widest - w.shape[1])) for w in self.w_up]
+        down = [F.pad(w, (0, 0, 0, widest - w.shape[0])) for w in self.w_down]
+        return torch.stack(pad_cols[0]), torch.stack(pad_cols[1]), torch.stack(down)
 
 
 class ConstantExperts(nn.Module):

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import (AuxLoss, BalancerSpec, BALANCER_SPECS, DynamicLoss, LossFree, MoEConfig, RouterConfig,
-                     ZLoss)
+from .config import (AuxLoss, BalancerSpec, BALANCER_SPECS, DynamicLoss, LossFree, MoEConfig, ParameterPenalty,
+                     RouterConfig, ZLoss)
 
 
-LAYER_FIELDS = ("zero_experts", "copy_experts", "constant_experts")
+LAYER_FIELDS = ("zero_experts", "copy_experts", "constant_experts", "expert_width_ratios")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,7 +44,7 @@ class Method:
         if not (isinstance(self.balancers, tuple)
                 and all(isinstance(s, BALANCER_SPECS) for s in self.balancers)):
             raise ValueError(f"Method.balancers={self.balancers!r} must be a tuple of "
-                             "LossFree, AuxLoss, ZLoss or DynamicLoss specs")
+                             "LossFree, AuxLoss, ZLoss, DynamicLoss or ParameterPenalty specs")
         unknown = set(self.layer) - set(LAYER_FIELDS)
         if unknown:
             raise ValueError(f"Method.layer sets {sorted(unknown)}; allowed: {', '.join(LAYER_FIELDS)}")
@@ -111,6 +111,10 @@ MOE_PLUS_PLUS_PAPER = ('Jin et al. 2024, "MoE++: Accelerating Mixture-of-Experts
 # MoE++ zero-computation experts beside the preset's FFN experts (the paper pairs 1 zero, 1 copy
 # and 2 constant experts with 8-16 FFN experts)
 MOE_PLUS_PLUS_LAYER = {"zero_experts": 1, "copy_experts": 1, "constant_experts": 2}
+HMOE_PAPER = 'Wang et al. 2024, "HMoE: Heterogeneous Mixture of Experts for Language Modeling", arXiv 2408.10681'
+# HMoE widths relative to the preset's expert width, repeated over the experts: mean 1, so the
+# total expert parameters are those of the homogeneous layer (quick preset: 24, 72, 120, 168)
+HMOE_WIDTH_RATIOS = (0.25, 0.75, 1.25, 1.75)
 
 def no_balance() -> Method:
     return Method(name="no_balance", description="No balancing: plain top-K over sigmoid scores "
@@ -227,6 +231,22 @@ def moe_plus_plus(loss_free: bool = False) -> Method:
         reference=MOE_PLUS_PLUS_PAPER + (f"; bias: {LOSS_FREE_PAPER}" if loss_free else ""))
 
 
+def hmoe(loss_free: bool = False) -> Method:
+    """HMoE: experts of four widths (0.25x to 1.75x the preset's), same total parameters."""
+    if loss_free:
+        balancers, what = (LossFree(rule="adaptive", balance="compute"),), (
+            "adaptive Loss-Free bias balancing compute (targets proportional to 1 / width)")
+    else:
+        balancers, what = (AuxLoss(coeff=1e-3), ParameterPenalty(coeff=1e-3)), (
+            "auxiliary loss alpha=1e-3 plus the parameter penalty 1e-3 (favours small experts)")
+    return Method(
+        name="hmoe_loss_free" if loss_free else "hmoe",
+        description="HMoE: routed experts of widths 0.25, 0.75, 1.25 and 1.75 times the preset's (the same "
+                    f"total), top-K over them; {what}; sigmoid gate.",
+        balancers=balancers, layer={"expert_width_ratios": HMOE_WIDTH_RATIOS},
+        reference=HMOE_PAPER + (f"; bias: {LOSS_FREE_PAPER}" if loss_free else ""))
+
+
 def z_loss() -> Method:
     """ST-MoE: router z-loss beside the auxiliary loss."""
     return Method(name="z_loss", description="Router z-loss 1e-3 (ST-MoE) + auxiliary loss "
@@ -253,6 +273,7 @@ for _method in (
     top_p(), top_p(loss_free=True),
     moge(), moge(loss_free=True),
     moe_plus_plus(), moe_plus_plus(loss_free=True),
+    hmoe(), hmoe(loss_free=True),
 ):
     register_method(_method)
 
@@ -281,5 +302,5 @@ SWEEPS: dict[str, list[Method]] = {
                                         "top_p_loss_free", "moge", "moge_loss_free")],
     # Experts that are not all alike: MoE++ zero-computation experts beside plain top-K.
     "experts": [get_method(n) for n in ("loss_free", "loss_free_adaptive", "moe_plus_plus",
-                                        "moe_plus_plus_loss_free")],
+                                        "moe_plus_plus_loss_free", "hmoe", "hmoe_loss_free")],
 }

@@ -325,6 +325,16 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def heterogeneous_widths(ratios, num_experts: int, width: int) -> tuple[int, ...]:
+    """HMoE widths: ``ratios`` repeated over the experts, times ``width``, rounded to a multiple
+    of 8 (at least 8; grouped_mm wants aligned widths). Ratios with mean 1 keep the total expert
+    parameters of ``num_experts`` experts of ``width``."""
+    ratios = tuple(float(r) for r in ratios)
+    if not ratios or any(not (r > 0) for r in ratios):
+        raise ValueError(f"expert width ratios must be positive numbers; got {ratios!r}")
+    return tuple(max(8, 8 * round(ratios[e % len(ratios)] * width / 8)) for e in range(num_experts))
+
+
 def model_preset(name: str, *, vocab_size: int | None = None,
                  balancers: tuple[BalancerSpec, ...] = (), router: RouterConfig | None = None,
                  moe_overrides: dict | None = None, **overrides) -> ModelConfig:
@@ -332,16 +342,23 @@ def model_preset(name: str, *, vocab_size: int | None = None,
 
     vocab_size: the tokenizer's (default: the preset's, 256 bytes or the paper's 32K).
     router: default ``RouterConfig()``, the paper's sigmoid gate. ``moe_overrides``: MoEConfig
-    fields (e.g. zero_experts=1). ``overrides``: any other ModelConfig field (e.g. seq_len=256,
+    fields (e.g. zero_experts=1), or ``expert_width_ratios`` for HMoE widths around the preset's
+    (``heterogeneous_widths``). ``overrides``: any other ModelConfig field (e.g. seq_len=256,
     gradient_checkpointing=True).
     """
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     arch = dict(PRESETS[name])
-    moe = MoEConfig(d_model=arch["d_model"], num_experts=arch.pop("num_experts"),
+    layer = dict(moe_overrides or {})
+    num_experts, width = arch.pop("num_experts"), arch["d_model"] // 2
+    ratios = layer.pop("expert_width_ratios", None)
+    if ratios:  # HMoE: the same total width, spread over experts of different sizes
+        layer["expert_hidden_sizes"] = heterogeneous_widths(ratios, num_experts, width)
+    else:
+        layer.setdefault("expert_hidden_size", width)
+    moe = MoEConfig(d_model=arch["d_model"], num_experts=num_experts,
                     top_k=arch.pop("top_k"), num_shared_experts=arch.pop("num_shared_experts"),
-                    expert_hidden_size=arch["d_model"] // 2,
-                    router=router or RouterConfig(), balancers=tuple(balancers), **(moe_overrides or {}))
+                    router=router or RouterConfig(), balancers=tuple(balancers), **layer)
     if vocab_size is not None:
         arch["vocab_size"] = vocab_size
     config = ModelConfig(dense_ffn_hidden=dense_ffn_width(arch["d_model"]), moe=moe, **arch)

@@ -19,7 +19,7 @@ from torch import nn
 from .balancing import LossFreeBalancer, build_balancer, loss_name
 from .config import MoEConfig
 from .dispatch import permute, unpermute
-from .experts import ConstantExperts, SwiGLU, SwiGLUExperts
+from .experts import ConstantExperts, HeterogeneousSwiGLUExperts, SwiGLU, SwiGLUExperts
 from .routing import RoutingDecision, build_router
 
 
@@ -63,15 +63,19 @@ class MoE(nn.Module):
         self.config = config
         c = config
         self.router = build_router(c.d_model, c.num_routed_experts, c.top_k, c.router)
-        self.experts = SwiGLUExperts(c.num_experts, c.d_model, c.expert_hidden_size, c.expert_impl)
+        if c.expert_hidden_sizes is None:
+            self.experts = SwiGLUExperts(c.num_experts, c.d_model, c.expert_hidden_size, c.expert_impl)
+        else:  # HMoE: experts of different widths
+            self.experts = HeterogeneousSwiGLUExperts(c.d_model, c.expert_hidden_sizes, c.expert_impl)
         # MoE++ zero-computation experts, numbered after the FFN experts: zero, copy, constant
         self.constant_experts = ConstantExperts(c.constant_experts, c.d_model) if c.constant_experts else None
         # k shared SwiGLU experts summed == one SwiGLU with k times the hidden width.
         self.shared_experts = None
         if c.num_shared_experts:
-            hidden = c.num_shared_experts * (c.shared_expert_hidden_size or c.expert_hidden_size)
+            hidden = c.num_shared_experts * c.default_shared_hidden_size
             self.shared_experts = SwiGLU(c.d_model, hidden)
-        self.balancers = nn.ModuleList(build_balancer(s, c.num_routed_experts, c.num_experts) for s in c.balancers)
+        self.balancers = nn.ModuleList(build_balancer(s, c.num_routed_experts, c.num_experts, c.hidden_sizes)
+                                       for s in c.balancers)
         self._loss_names = [loss_name(s) for s in c.balancers]
 
     @property

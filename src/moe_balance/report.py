@@ -23,7 +23,8 @@ PAPER_RESULTS: list[dict] = [
     {"model": "3B, 200B tokens", "method": "loss_free (u=1e-3)", "val_ppl": 7.92, "maxvio_global": 0.04},
 ]
 
-_AGG_KEYS = ("val_ppl", "experts_per_token", "ffn_experts_per_token", "maxvio_global", "maxvio_static_floor", "maxvio_train_windows", "maxvio_batch",
+_AGG_KEYS = ("val_ppl", "experts_per_token", "ffn_experts_per_token", "ffn_compute_saved", "maxvio_compute",
+             "routed_params_per_token", "maxvio_global", "maxvio_static_floor", "maxvio_train_windows", "maxvio_batch",
              "maxvio_batch_floor", "maxvio_batch_late_std", "val_loss")
 
 BALANCE_THRESHOLD, BALANCE_HOLD = 0.5, 20
@@ -117,6 +118,8 @@ def summarize_run(run_dir, *, method: str, seed: int, wall_seconds: float, train
         "experts_per_token": ev.get("experts_per_token"),
         "ffn_experts_per_token": ev.get("ffn_experts_per_token"),
         "ffn_compute_saved": ev.get("ffn_compute_saved"),
+        "maxvio_compute": ev.get("maxvio_compute"),
+        "routed_params_per_token": ev.get("routed_params_per_token"),
         **{k: v for k, v in ev.items() if k.startswith("kind_fraction_")},
         "experts_per_token_hist": ev.get("experts_per_token_hist"),
         "leaks_future": bool(ev.get("leaks_future", False)),
@@ -261,6 +264,16 @@ def _per_run_table(results: list[dict]) -> str:
     header = ["method", "seed", "val PPL", "MaxVio_global", "static floor", "MaxVio_train", "MaxVio_batch",
               "batch floor", "steps to balance", "late std", "tokens/s", "wall s"]
     return _markdown_table(header, rows)
+
+
+def compute_table(results: list[dict]) -> str:
+    """Compute per token beside balance in tokens and in compute, one row per method."""
+    rows = [[a["method"], _fmt_stat(a, "routed_params_per_token", 0), _fmt_stat(a, "ffn_experts_per_token", 2),
+             _fmt_stat(a, "ffn_compute_saved", 3), _fmt_stat(a, "maxvio_global", 3), _fmt_stat(a, "maxvio_compute", 3),
+             _fmt_stat(a, "val_ppl", 2)]
+            for a in aggregate(results)]
+    return _markdown_table(["method", "routed params/token", "FFN experts/token", "FFN compute saved",
+                            "MaxVio_global (tokens)", "MaxVio_compute", "val PPL"], rows)
 
 
 EXPERT_BUCKETS = ((0, 0), (1, 1), (2, 2), (3, 4), (5, 8), (9, None))
@@ -573,6 +586,11 @@ def _report_markdown(results: list[dict], plots: dict[str, Path], meta: dict) ->
         "### Per run",
         _per_run_table(results),
     ]
+    parts += ["### Compute per token",
+              "Routed-expert parameters one token activates, summed over the MoE layers (3 x d_model x "
+              "width per FFN expert, 3 x d_model per MoE++ constant expert, 0 for zero and copy experts); "
+              "MaxVio_compute is MaxVio of tokens x width per FFN expert, which differs from MaxVio "
+              "only for experts of different widths (HMoE).\n\n" + compute_table(results)]
     experts = experts_per_token_table(results)
     if experts is not None:
         parts += ["### Experts per token",

@@ -78,6 +78,7 @@ class TrainConfig:
     copy_experts: int | None = None    # ... that output their input
     constant_experts: int | None = None  # ... that output a learned vector mixed with the input
     gating_residual: bool | None = None  # add the previous MoE layer's router logits (MoE++)
+    expert_width_ratios: str | None = None  # HMoE: e.g. "0.5,1.5": expert widths x the preset's, repeated
 
     def __post_init__(self) -> None:
         def integer(value) -> bool:
@@ -158,6 +159,17 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
 
 
+def _ratios(text: str) -> tuple[float, ...]:
+    try:
+        ratios = tuple(float(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        ratios = ()
+    if not ratios or not all(math.isfinite(r) and r > 0 for r in ratios):
+        raise ValueError(f"TrainConfig.expert_width_ratios={text!r} must be comma-separated positive "
+                         "numbers, e.g. '0.5,1.5'")
+    return ratios
+
+
 def model_config(cfg: TrainConfig, vocab_size: int | None = None) -> ModelConfig:
     """The preset's architecture with the method's router, balancers and layer options, and
     the run's MoE++ flags (when set) over those."""
@@ -166,6 +178,8 @@ def model_config(cfg: TrainConfig, vocab_size: int | None = None) -> ModelConfig
     for name in ("zero_experts", "copy_experts", "constant_experts"):
         if getattr(cfg, name) is not None:
             layer[name] = getattr(cfg, name)
+    if cfg.expert_width_ratios is not None:
+        layer["expert_width_ratios"] = _ratios(cfg.expert_width_ratios)
     router = method.router
     if cfg.gating_residual is not None:
         router = dataclasses.replace(router, gating_residual=cfg.gating_residual)
@@ -279,6 +293,7 @@ def evaluate(model: MoETransformer, corpus: TokenizedCorpus, cfg: TrainConfig) -
         "experts_per_token": float((experts_hist * torch.arange(routed + 1)).sum() / experts_hist.sum().clamp_min(1)),
         "experts_per_token_hist": experts_hist.tolist(),
         "ffn_experts_per_token": float(kinds_L4[:, 0].double().mean()) / max(token_count, 1),
+        **compute_metrics(total.counts, kinds_L4, model.config.moe, token_count),
         "leaks_future": get_method(cfg.method).leaks_future,
         **kind_metrics(kinds_L4, model.config.moe, token_count),
     }
@@ -351,6 +366,19 @@ def batch_balance(model: MoETransformer, scores_per_layer: list[torch.Tensor], *
         finals.append(per_bias[0])
         floors.append(min(per_bias))  # both are single static vectors: the better one bounds the floor
     return finals, floors
+
+
+def compute_metrics(counts_LE: torch.Tensor, kinds_L4: torch.Tensor, moe: MoEConfig, tokens: int) -> dict:
+    """Balance and cost in compute rather than tokens. ``maxvio_compute``: MaxVio of each FFN
+    expert's tokens x hidden width (equal to MaxVio for equal widths; HMoE), averaged over
+    layers. ``routed_params_per_token``: the routed-expert parameters one token activates,
+    summed over the MoE layers (an FFN expert 3 * D * H_i, a constant expert 3 * D, zero and copy
+    experts none); the shared experts and the rest of the model come on top."""
+    widths = torch.tensor(moe.hidden_sizes, dtype=torch.float64)
+    counts = counts_LE.double()
+    params = (counts * widths).sum() * 3 * moe.d_model + kinds_L4[:, 3].double().sum() * 3 * moe.d_model
+    return {"maxvio_compute": float(max_vio(counts * widths).mean()),
+            "routed_params_per_token": float(params) / max(tokens, 1)}
 
 
 def kind_metrics(kinds_L4: torch.Tensor, moe: MoEConfig, tokens: int) -> dict:
@@ -604,6 +632,8 @@ def _train_step(model, optimizer, scheduler, sampler, cfg: TrainConfig, step: in
     record = {"step": step, **sums, "lr": lr, "grad_norm": grad_norm,
               "experts_per_token": float(kinds_L4.sum()) / (kinds_L4.shape[0] * tokens),
               **kind_metrics(kinds_L4, model.config.moe, tokens),
+              **({"maxvio_compute": compute_metrics(loads_LE, kinds_L4, model.config.moe, tokens)["maxvio_compute"]}
+                 if model.config.moe.expert_hidden_sizes is not None else {}),
               "maxvio_batch": float(vio_L.mean()), "maxvio_batch_layers": vio_L.tolist(),
               "cv": float(coefficient_of_variation(loads_LE).mean()),
               "dead_experts": int(dead_experts(loads_LE).sum())}
