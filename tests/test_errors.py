@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from moe_balance.config import ParameterPenalty
 from moe_balance import AuxLoss, LossFree, MoE, MoEConfig, RouterConfig
 from moe_balance._files import RunDirectoryError, exclusive_lock
 from moe_balance.checkpoint import (CheckpointError, checkpoint_path, latest_valid_checkpoint, load_checkpoint,
@@ -202,6 +203,12 @@ CASES = {
     "moe-expert-choice-loss-free": lambda ctx: error_of(lambda: MoEConfig(
         d_model=8, num_experts=8, top_k=2, expert_hidden_size=16, balancers=(LossFree(),),
         router=RouterConfig(method="expert_choice"))),
+    "moe-hidden-sizes-both": lambda ctx: error_of(lambda: MoEConfig(
+        d_model=8, num_experts=2, top_k=1, expert_hidden_size=4, expert_hidden_sizes=(4, 4))),
+    "parameter-penalty-equal-widths": lambda ctx: error_of(lambda: MoEConfig(
+        d_model=8, num_experts=2, top_k=1, expert_hidden_size=4, balancers=(ParameterPenalty(),))),
+    "lossfree-share-without-zero-experts": lambda ctx: error_of(lambda: MoEConfig(
+        d_model=8, num_experts=2, top_k=1, expert_hidden_size=4, balancers=(LossFree(zero_computation_share=0.2),))),
     "balancers-list": lambda ctx: error_of(lambda: MoEConfig(d_model=8, num_experts=4, top_k=2,
                                                              expert_hidden_size=16, balancers=[LossFree()])),
     "train-lr-inf": lambda ctx: error_of(lambda: TrainConfig(lr=math.inf)),
