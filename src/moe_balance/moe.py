@@ -104,18 +104,14 @@ class MoE(nn.Module):
         c = self.config
         if not c.num_zero_computation_experts:
             return self.experts(x_AD, decision.tokens_per_expert)
-        counts = decision.tokens_per_expert.tolist()
         E = c.num_experts
-        n_ffn, n_zero, n_copy = sum(counts[:E]), sum(counts[E:E + c.zero_experts]), \
-            sum(counts[E + c.zero_experts:E + c.zero_experts + c.copy_experts])
-        start_copy, start_constant = n_ffn + n_zero, n_ffn + n_zero + n_copy
-        parts = [self.experts(x_AD[:n_ffn], decision.tokens_per_expert[:E]),
-                 x_AD.new_zeros(n_zero, x_AD.shape[-1]),
-                 x_AD[start_copy:start_constant]]
+        sizes = [E, c.zero_experts, c.copy_experts, c.constant_experts]
+        per_kind = [int(n) for n in torch.stack([part.sum() for part in decision.tokens_per_expert.split(sizes)])]
+        ffn_x, zero_x, copy_x, constant_x = x_AD.split(per_kind)
+        parts = [self.experts(ffn_x, decision.tokens_per_expert[:E]), torch.zeros_like(zero_x), copy_x]
         if self.constant_experts is not None:
             first_constant = E + c.zero_experts + c.copy_experts
-            parts.append(self.constant_experts(x_AD[start_constant:],
-                                               decision.expert_ids[start_constant:] - first_constant))
+            parts.append(self.constant_experts(constant_x, decision.expert_ids[sum(per_kind[:3]):] - first_constant))
         return torch.cat(parts)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
