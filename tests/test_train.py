@@ -207,6 +207,7 @@ def test_tiny_compare_of_the_routers(base, tmp_path):
     assert mg_row["routed_params_per_token"] == pytest.approx(2 * 3 * 64 * 32)  # 2 experts of width 32
     assert 2 * 3 * 64 * 8 <= hm["routed_params_per_token"] <= 2 * 3 * 64 * 56
     assert "maxvio_compute" in read_jsonl(tmp_path / "hmoe_loss_free_s0" / "metrics.jsonl")[-1]
+    assert hm["maxvio_static_floor"] is None and mg_row["maxvio_static_floor"] is not None  # compute targets
     # MoE++: kind fractions sum to 1, FFN experts per token = top_k * (1 - saved), 4 more experts routed
     pp = rows["moe_plus_plus_loss_free"]
     assert sum(pp[f"kind_fraction_{k}"] for k in ("ffn", "zero", "copy", "constant")) == pytest.approx(1.0)

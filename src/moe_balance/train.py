@@ -275,9 +275,12 @@ def evaluate(model: MoETransformer, corpus: TokenizedCorpus, cfg: TrainConfig) -
     model.train(was_training)
     val_loss = loss_sum / max(1, token_count)
     floor_L = final_L = batch_floor_L = None
-    # NOTE: the floors solve for equal loads over every routed expert; with MoE++ experts the
-    # targets differ by kind (tau, zero_computation_share), so they are not reported there
-    if not model.config.moe.num_zero_computation_experts:
+    # NOTE: the floors solve for equal token loads over every routed expert; with MoE++ experts
+    # (tau, zero_computation_share) or compute targets (HMoE) the goal differs: not reported
+    equal_targets = not model.config.moe.num_zero_computation_experts and all(
+        b.target_share is None for layer in model.moe_layers for b in layer.balancers
+        if isinstance(b, LossFreeBalancer))
+    if equal_targets:
         floor_L = static_bias_floor(model, [torch.cat(s) for s in scores])
         final_L, batch_floor_L = batch_balance(model, [torch.cat(s) for s in train_scores],
                                                seq_len=cfg.seq_len, batch_windows=cfg.batch_size)
