@@ -108,7 +108,9 @@ class MoE(nn.Module):
         sizes = [E, c.zero_experts, c.copy_experts, c.constant_experts]
         per_kind = [int(n) for n in torch.stack([part.sum() for part in decision.tokens_per_expert.split(sizes)])]
         ffn_x, zero_x, copy_x, constant_x = x_AD.split(per_kind)
-        parts = [self.experts(ffn_x, decision.tokens_per_expert[:E]), torch.zeros_like(zero_x), copy_x]
+        # no FFN assignment at all: no call into the FFN path (not even an empty matmul)
+        ffn_y = self.experts(ffn_x, decision.tokens_per_expert[:E]) if per_kind[0] else torch.zeros_like(ffn_x)
+        parts = [ffn_y, torch.zeros_like(zero_x), copy_x]
         if self.constant_experts is not None:
             first_constant = E + c.zero_experts + c.copy_experts
             parts.append(self.constant_experts(constant_x, decision.expert_ids[sum(per_kind[:3]):] - first_constant))
