@@ -12,7 +12,8 @@ from moe_balance.balancing import normalized_probs, switch_loss_from_counts, tar
 from moe_balance.config import ParameterPenalty
 from moe_balance.experts import HeterogeneousSwiGLUExperts, grouped_mm_supported
 from moe_balance.metrics import max_vio
-from moe_balance.model import MoETransformer, heterogeneous_widths, model_preset
+from moe_balance.config import heterogeneous_widths
+from moe_balance.model import MoETransformer, model_preset
 from moe_balance.train import compute_metrics, model_config, train_config
 
 IMPLS = ["loop", "bmm"] + (["grouped_mm"] if grouped_mm_supported("cpu", torch.float32) else [])

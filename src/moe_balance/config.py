@@ -50,6 +50,16 @@ def _positive_int(owner: str, name: str, value: int, minimum: int = 1) -> None:
         raise ValueError(f"{owner}.{name}={value!r} must be an integer >= {minimum}")
 
 
+def heterogeneous_widths(ratios, num_experts: int, width: int) -> tuple[int, ...]:
+    """HMoE widths: ``ratios`` repeated over the experts, times ``width``, rounded to a multiple
+    of 8 (at least 8; grouped_mm wants aligned widths). Ratios with mean 1 keep the total expert
+    parameters of ``num_experts`` experts of ``width``."""
+    ratios = tuple(float(r) for r in ratios)
+    if not ratios or any(not (r > 0) for r in ratios):
+        raise ValueError(f"expert width ratios must be positive numbers; got {ratios!r}")
+    return tuple(max(8, 8 * round(ratios[e % len(ratios)] * width / 8)) for e in range(num_experts))
+
+
 @dataclass(frozen=True, kw_only=True)
 class RouterConfig:
     """How tokens and experts are matched.

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import (AuxLoss, BalancerSpec, BALANCER_SPECS, DynamicLoss, LossFree, MoEConfig, ParameterPenalty,
-                     RouterConfig, ZLoss)
+                     RouterConfig, ZLoss, heterogeneous_widths)
 
 
 LAYER_FIELDS = ("zero_experts", "copy_experts", "constant_experts", "expert_width_ratios")
@@ -55,7 +55,12 @@ class Method:
     def moe_config(self, **layer) -> MoEConfig:
         """A ``MoEConfig`` with this method's router and balancers; ``layer`` gives the rest
         (d_model, num_experts, top_k, expert_hidden_size, ...)."""
-        return MoEConfig(router=self.router, balancers=self.balancers, **{**self.layer, **layer})
+        fields = {**self.layer, **layer}
+        ratios = fields.pop("expert_width_ratios", None)
+        if ratios:  # HMoE widths around the given expert_hidden_size
+            fields["expert_hidden_sizes"] = heterogeneous_widths(ratios, fields["num_experts"],
+                                                                 fields.pop("expert_hidden_size"))
+        return MoEConfig(router=self.router, balancers=self.balancers, **fields)
 
 
 _REGISTRY: dict[str, Method] = {}

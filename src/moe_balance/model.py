@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import BalancerSpec, MoEConfig, RouterConfig
+from .config import BalancerSpec, MoEConfig, RouterConfig, heterogeneous_widths
 from .experts import SwiGLU
 from .moe import MoE
 from .routing import ExpertChoiceRouter
@@ -323,16 +323,6 @@ PRESETS: dict[str, dict] = {
     "paper-1b": dict(vocab_size=32000, d_model=1024, n_layers=10, n_heads=8, seq_len=2048,
                      num_experts=64, top_k=6, num_shared_experts=2, tie_embeddings=False),
 }
-
-
-def heterogeneous_widths(ratios, num_experts: int, width: int) -> tuple[int, ...]:
-    """HMoE widths: ``ratios`` repeated over the experts, times ``width``, rounded to a multiple
-    of 8 (at least 8; grouped_mm wants aligned widths). Ratios with mean 1 keep the total expert
-    parameters of ``num_experts`` experts of ``width``."""
-    ratios = tuple(float(r) for r in ratios)
-    if not ratios or any(not (r > 0) for r in ratios):
-        raise ValueError(f"expert width ratios must be positive numbers; got {ratios!r}")
-    return tuple(max(8, 8 * round(ratios[e % len(ratios)] * width / 8)) for e in range(num_experts))
 
 
 def model_preset(name: str, *, vocab_size: int | None = None,

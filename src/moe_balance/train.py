@@ -17,10 +17,12 @@ import math
 import os
 import platform
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -397,6 +399,21 @@ def kind_metrics(kinds_L4: torch.Tensor, moe: MoEConfig, tokens: int) -> dict:
             "ffn_compute_saved": float(1 - ffn_per_token / moe.top_k)}
 
 
+@contextmanager
+def _signals_deferred():
+    """Hold SIGINT and SIGTERM back for a few statements (delivered on exit), where the OS
+    allows it: so a log line and the counter that names it change together."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _training_state(model, optimizer, scheduler, step: int) -> dict:
     return {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
@@ -548,9 +565,10 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCo
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                     ev = evaluate(model, corpus, cfg)
                     record.update(val_loss=ev["val_loss"], val_ppl=ev["val_ppl"], maxvio_global=ev["maxvio_global"])
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                done = step  # logged: the step a Ctrl-C message names
+                with _signals_deferred():  # a Ctrl-C lands before or after the line, never between
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    done = step  # logged: the step a Ctrl-C message names
                 skipped_in_a_row = skipped_in_a_row + 1 if record.get("skipped") else 0
                 if skipped_in_a_row >= MAX_CONSECUTIVE_SKIPS:
                     raise NonFiniteTraining(
