@@ -428,8 +428,10 @@ def plot_ppl_vs_maxvio(results: list[dict], path) -> Path | None:
     ax = axes[0][0]
     for method, color in colors.items():
         mine = [r for r in rows if r["method"] == method]
+        leaks = any(r.get("leaks_future") for r in mine)  # its perplexity is not comparable
         ax.scatter([r["maxvio_global"] for r in mine], [r["val_ppl"] for r in mine],
-                   color=color, s=60, edgecolor="black", lw=0.5, label=method, zorder=3)
+                   color=color, s=60, edgecolor="black", lw=0.5, zorder=3, marker="X" if leaks else "o",
+                   label=f"{method} {LEAK_MARK} (reads future tokens)" if leaks else method)
     _maybe_log(ax, "x", [r["maxvio_global"] for r in rows])
     ax.set_xlabel("MaxVio_global on validation set (lower = more balanced)")
     ax.set_ylabel("validation perplexity (lower is better)")
