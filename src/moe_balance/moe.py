@@ -2,7 +2,11 @@
 
 Shape legend: T tokens (all leading dims flattened), D d_model, A kept assignments.
 
-    y_t = sum over shared experts FFN_s(x_t) + sum over selected i of g_{i,t} FFN_i(x_t)
+    y_t = sum over shared experts FFN_s(x_t) + sum over selected i of g_{i,t} E_i(x_t)
+
+E_i is a routed SwiGLU expert (all of one width, or HMoE's different widths) or one of MoE++'s
+zero-computation experts (zero, copy, constant), which never reach the FFN path. The router is
+any of ``routing.ROUTERS``; a token may select any number of experts.
 
 The layer returns the FFN output only; the transformer block adds the residual (so dropped
 assignments leave the token to the residual stream). Balancing losses come back as values
