@@ -17,6 +17,7 @@ EXTRAS = {
     "tensorboard": "train",
     "matplotlib": "train",
     "safetensors": "train",
+    "scipy": "train",
     "datasets": "hf",
     "transformers": "hf",
 }

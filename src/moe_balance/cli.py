@@ -1,4 +1,4 @@
-"""Command-line interface: ``moe-balance {demo,train,compare,sweep,bench,methods,params}``.
+"""Command-line interface: ``moe-balance {demo,train,compare,sweep,bench,methods,params,plan-placement}``.
 
 Every ``TrainConfig`` field is a typed flag (``--steps 500``, ``--lr 2e-3``, ``--data mixed``)
 that overrides the chosen ``--preset``; unknown or mistyped values fail with the field's name.
@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int, default=6)
     p.add_argument("--repeats", type=_positive_int, default=5)
 
+    p = sub.add_parser("plan-placement", help="place experts on devices minimising the busiest device's load, "
+                                             "from a run's logged per-expert loads")
+    p.add_argument("metrics", help="a run directory or its eval.json (per-expert validation loads)")
+    p.add_argument("--devices", type=_positive_int, required=True, help="expert-parallel devices")
+    p.add_argument("--method", choices=("auto", "exact", "greedy"), default="auto")
+    p.add_argument("--time-limit", type=float, default=10.0, help="seconds for the exact solver per layer")
+
     sub.add_parser("methods", help="list the registered balancing methods")
     p = sub.add_parser("params", help="parameter counts of a model preset (built on the meta device)")
     p.add_argument("--preset", default="paper-1b", choices=sorted(TRAIN_PRESETS))
@@ -137,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(format_bench(bench_experts(tokens=args.tokens, num_experts=args.num_experts,
                                              top_k=args.top_k, repeats=args.repeats)))
+        elif args.command == "plan-placement":
+            _print_placement(args.metrics, args.devices, args.method, args.time_limit)
         elif args.command == "params":
             _print_params(args.preset)
         elif args.command == "train":
@@ -200,6 +209,29 @@ def _sweep_methods(which: str) -> list[str]:
                 names.append(m.name)
                 recipes.append((m.balancers, m.router, m.layer))
     return names
+
+
+def _print_placement(metrics: str, devices: int, method: str, time_limit: float) -> None:
+    import json
+    from pathlib import Path
+
+    from .placement import contiguous_placement, plan_placement
+
+    path = Path(metrics)
+    path = path / "eval.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ValueError(f"{metrics}: no eval.json there; give a finished run directory or its eval.json")
+    try:
+        layers = json.loads(path.read_text())["expert_load"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{path}: not an eval.json with per-expert loads (expert_load)") from None
+    print(f"{'layer':<6} {'placement':<20} {'max device load':>16} {'mean':>10} {'max/mean':>9}")
+    for layer, loads in enumerate(layers):
+        before, after = contiguous_placement(loads, devices), plan_placement(loads, devices, method, time_limit)
+        for p in (before, after):
+            print(f"{layer:<6} {p.method:<20} {p.max_load:>16.0f} {p.mean_load:>10.0f} {p.imbalance:>9.3f}")
+        print(f"{'':<6} devices: " + " ".join(f"{d}:{[e for e, de in enumerate(after.device_of) if de == d]}"
+                                              for d in range(devices)))
 
 
 def _print_params(preset: str) -> None:
