@@ -373,10 +373,15 @@ class MoEConfig:
     def default_shared_hidden_size(self) -> int:
         return self.shared_expert_hidden_size or round(sum(self.hidden_sizes) / self.num_experts)
 
+    @property
+    def kind_sizes(self) -> tuple[int, int, int, int]:
+        """How many routed experts of each kind, in routing order: FFN, zero, copy, constant."""
+        return (self.num_experts, self.zero_experts, self.copy_experts, self.constant_experts)
+
     def expert_kinds(self) -> tuple[str, ...]:
         """Each routed expert's kind, in routing order: "ffn", "zero", "copy" or "constant"."""
-        return (("ffn",) * self.num_experts + ("zero",) * self.zero_experts
-                + ("copy",) * self.copy_experts + ("constant",) * self.constant_experts)
+        return tuple(kind for kind, n in zip(("ffn", "zero", "copy", "constant"), self.kind_sizes)
+                     for _ in range(n))
 
     def __post_init__(self) -> None:
         _positive_int("MoEConfig", "d_model", self.d_model)

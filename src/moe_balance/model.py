@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import BalancerSpec, MoEConfig, RouterConfig, heterogeneous_widths
 from .experts import SwiGLU
-from .moe import MoE
+from .moe import EXPERT_KINDS, MoE, kind_loads  # noqa: F401 (EXPERT_KINDS re-exported)
 from .routing import ExpertChoiceRouter
 
 IGNORE_INDEX = -100
@@ -106,15 +106,6 @@ class ModelOutput:
     layer_loads: list[torch.Tensor]
     loss: torch.Tensor | None
     layer_kind_loads: list[torch.Tensor] = dataclasses.field(default_factory=list)
-
-
-EXPERT_KINDS = ("ffn", "zero", "copy", "constant")
-
-
-def kind_loads(routed_E: torch.Tensor, config: MoEConfig) -> torch.Tensor:
-    """(4,) int64 routed assignments per expert kind (``EXPERT_KINDS``) from (R,) counts."""
-    sizes = [config.num_experts, config.zero_experts, config.copy_experts, config.constant_experts]
-    return torch.stack([part.sum() for part in torch.split(routed_E, sizes)])
 
 
 def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,6 +38,14 @@ class MoEOutput:
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+EXPERT_KINDS = ("ffn", "zero", "copy", "constant")
+
+
+def kind_loads(routed_E: torch.Tensor, config: MoEConfig) -> torch.Tensor:
+    """(4,) int64 assignments per expert kind (``EXPERT_KINDS``) from (R,) per-expert counts."""
+    return torch.stack([part.sum() for part in torch.split(routed_E, config.kind_sizes)])
+
+
 class _ObserveOnBackward(torch.autograd.Function):
     """Identity whose backward reports the forward's routed counts to the balancers.
 
@@ -109,14 +117,13 @@ class MoE(nn.Module):
         if not c.num_zero_computation_experts:
             return self.experts(x_AD, decision.tokens_per_expert)
         E = c.num_experts
-        sizes = [E, c.zero_experts, c.copy_experts, c.constant_experts]
-        per_kind = [int(n) for n in torch.stack([part.sum() for part in decision.tokens_per_expert.split(sizes)])]
+        per_kind = kind_loads(decision.tokens_per_expert, c).tolist()  # kept assignments per kind
         ffn_x, zero_x, copy_x, constant_x = x_AD.split(per_kind)
         # no FFN assignment at all: no call into the FFN path (not even an empty matmul)
         ffn_y = self.experts(ffn_x, decision.tokens_per_expert[:E]) if per_kind[0] else torch.zeros_like(ffn_x)
         parts = [ffn_y, torch.zeros_like(zero_x), copy_x]
         if self.constant_experts is not None:
-            first_constant = E + c.zero_experts + c.copy_experts
+            first_constant = c.num_routed_experts - c.constant_experts
             parts.append(self.constant_experts(constant_x, decision.expert_ids[sum(per_kind[:3]):] - first_constant))
         return torch.cat(parts)
 
