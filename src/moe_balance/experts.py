@@ -12,6 +12,7 @@ dtype support it. Tests check the fast paths against ``loop``, gradients include
 
 from __future__ import annotations
 
+import abc
 import functools
 
 import torch
@@ -82,7 +83,7 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-class _RoutedExperts(nn.Module):
+class _RoutedExperts(nn.Module, abc.ABC):
     """The compute paths shared by equal-width and heterogeneous experts. A subclass gives
     ``expert_weights(e)`` (expert e's own w_gate (D, H_e), w_up (D, H_e), w_down (H_e, D)),
     ``stacked()`` ((E, D, H), (E, D, H), (E, H, D), zero-padded to the widest expert) and
@@ -91,11 +92,13 @@ class _RoutedExperts(nn.Module):
 
     impl: str
 
+    @abc.abstractmethod
     def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Expert e's own w_gate (D, H_e), w_up (D, H_e), w_down (H_e, D)."""
 
+    @abc.abstractmethod
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """All experts' weights stacked, zero-padded to the widest: (E, D, H), (E, D, H), (E, H, D)."""
 
     def forward(self, x_AD: torch.Tensor, tokens_per_expert: torch.Tensor, impl: str | None = None
                 ) -> torch.Tensor:

@@ -17,6 +17,7 @@ have no router-specific code.
 
 from __future__ import annotations
 
+import abc
 import math
 import warnings
 from dataclasses import dataclass
@@ -180,7 +181,7 @@ def sort_assignments(
     return token_ids[keep], expert_ids[keep], weights[keep], kept_tokens, routed
 
 
-class Router(nn.Module):
+class Router(nn.Module, abc.ABC):
     """Base router: the logits, scores, gates and assignments every method shares.
 
     A subclass implements ``select``: which experts each token takes, given the selection
@@ -207,10 +208,10 @@ class Router(nn.Module):
             return scores_TE
         return scores_TE * bias_E if multiplicative else scores_TE + bias_E
 
+    @abc.abstractmethod
     def select(self, selection_TE: torch.Tensor, scores_TE: torch.Tensor,
                token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
         """(T, K) int64 experts per token, -1 for empty slots and on every padding row."""
-        raise NotImplementedError
 
     def select_mask(self, selection_TE: torch.Tensor, scores_TE: torch.Tensor) -> torch.Tensor:
         """(T, E) bool: ``select`` as membership (every token real)."""
@@ -360,9 +361,10 @@ class ExpertChoiceRouter(Router):
 
     uses_capacity = False  # C is the method itself, applied in select
     causal = False
+    _warned = False  # the causal-leak warning, once per router
 
     def select(self, selection_TE, scores_TE, token_mask_T=None):
-        if self.causal and not getattr(self, "_warned", False):
+        if self.causal and not self._warned:
             self._warned = True
             warnings.warn("expert-choice routing in a causal model: each token's routing depends on "
                           "later tokens of its sequence (future-token leakage), so its loss and "
