@@ -7,6 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moe_balance import AuxLoss, LossFree, MoE, MoEConfig, update_balancers
+from moe_balance.parallel import init_parallel, parallelize
 
 CONFIG = MoEConfig(d_model=8, num_experts=4, top_k=1, expert_hidden_size=4,
                    balancers=(LossFree(update_rate=1e-3), AuxLoss(coeff=1.0, scope="global_batch")))
@@ -26,7 +27,7 @@ def worker(rank, world, port, results):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        layer = MoE(CONFIG)
+        layer = parallelize(MoE(CONFIG), init_parallel(1))  # the balancers count over the data group
         out = layer(rank_data(rank))
         (out.y.sum() + out.aux_loss).backward()
         local_counts = layer.balancers[0].pending_counts.clone()
@@ -60,3 +61,25 @@ def test_two_ranks_update_the_same_bias_from_global_counts():
         scores = layer(rank_data(r)).decision.scores
         expected = switch_loss_from_counts(normalized_probs(scores), counts[0] + counts[1])
         torch.testing.assert_close(results[r]["global_loss"], expected.detach())
+
+
+def local_worker(rank, world, port, results):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        layer = MoE(CONFIG)  # not parallelized: the balancers never reach for the default group
+        layer(rank_data(rank)).y.sum().backward()
+        counts = layer.balancers[0].pending_counts.clone()
+        update_balancers(layer)
+        results[rank] = {"bias": layer.expert_bias.clone(), "counts": counts}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_unparallelized_layer_updates_from_its_own_counts():
+    results = mp.Manager().dict()
+    mp.spawn(local_worker, args=(2, free_port(), results), nprocs=2, join=True)
+    for r in range(2):
+        counts = results[r]["counts"].double()
+        assert torch.equal(results[r]["bias"], (1e-3 * torch.sign(counts.mean() - counts)).float())
+    assert not torch.equal(results[0]["bias"], results[1]["bias"])

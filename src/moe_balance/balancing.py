@@ -28,10 +28,12 @@ from .config import AuxLoss, BalancerSpec, DynamicLoss, LossFree, ParameterPenal
 from .routing import RoutingDecision
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over the data-parallel ranks when torch.distributed is initialised (in place)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+def _all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sum over ``group``, the ranks whose tokens make one global batch (in place); None: this
+    process alone. The group is always explicit (``parallel.parallelize`` sets it), never the
+    default group taken implicitly."""
+    if group is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
 
 
@@ -135,10 +137,15 @@ def expert_counts(selected_TK: torch.Tensor, num_experts: int,
 # --------------------------------------------------------------------------------------------
 
 class Balancer(nn.Module):
-    """Base class: every hook is a no-op; strategies override the ones they use."""
+    """Base class: every hook is a no-op; strategies override the ones they use.
+
+    ``process_group``: the data-parallel group whose counts make the global batch (None: one
+    process). Set by ``parallel.parallelize``.
+    """
 
     observes_counts = False
     multiplicative = False
+    process_group: dist.ProcessGroup | None = None
 
     def selection_bias(self) -> torch.Tensor | None:
         return None
@@ -146,8 +153,10 @@ class Balancer(nn.Module):
     def loss(self, decision: RoutingDecision, batch_shape: torch.Size) -> torch.Tensor | None:
         return None
 
-    def routing_stats(self, decision: RoutingDecision, router: nn.Module) -> torch.Tensor | None:
-        """Default: no statistics beyond the routed counts."""
+    def routing_stats(self, decision: RoutingDecision, router: nn.Module,
+                      fixed_bias_E: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Default: no statistics beyond the routed counts. fixed_bias_E: a constant selection
+        bias the layer added to this balancer's (the expert-parallel locality bonus)."""
         return None
 
     def observe(self, counts_E: torch.Tensor, stats: torch.Tensor | None = None) -> None:
@@ -232,12 +241,14 @@ class LossFreeBalancer(Balancer):
         return self.expert_bias
 
     @torch.no_grad()
-    def routing_stats(self, decision: RoutingDecision, router: nn.Module) -> torch.Tensor | None:
+    def routing_stats(self, decision: RoutingDecision, router: nn.Module,
+                      fixed_bias_E: torch.Tensor | None = None) -> torch.Tensor | None:
         """(2, E, B) flip-margin histograms of this forward (adaptive rule only)."""
         if self.spec.rule != "adaptive":
             return None
         scores_TE = decision.scores.detach()
-        selection_TE = router.selection(scores_TE, self.expert_bias, self.multiplicative)
+        bias_E = self.expert_bias if fixed_bias_E is None else self.expert_bias + fixed_bias_E
+        selection_TE = router.selection(scores_TE, bias_E, self.multiplicative)
         selected_TE = decision.selected_mask()
         margins_TE = controller.flip_margins(selection_TE, selected_TE, router.competition_groups,
                                              scores_TE if self.multiplicative else None)
@@ -261,7 +272,7 @@ class LossFreeBalancer(Balancer):
         adaptive = self.spec.rule == "adaptive"
         E = self.pending_counts.numel()
         pending = [self.pending_counts] + ([self.pending_margins.view(-1)] if adaptive else [])
-        flat = _all_reduce_sum(torch.cat(pending))
+        flat = _all_reduce_sum(torch.cat(pending), self.process_group)
         for buffer in pending:
             buffer.zero_()
         counts_E = flat[:E]
@@ -336,7 +347,7 @@ class AuxLossBalancer(Balancer):
                 None if mask_T is None else mask_T.view(-1, S), eta_E)
         else:
             counts_E = decision.routed_tokens_per_expert.to(self.accumulated_counts.device)
-            global_E = _all_reduce_sum(self.accumulated_counts + counts_E)
+            global_E = _all_reduce_sum(self.accumulated_counts + counts_E, self.process_group)
             value = switch_loss_from_counts(normalized_probs(decision.scores), global_E, mask_T, eta_E)
         return self.spec.coeff * value
 

@@ -89,6 +89,9 @@ class MoE(nn.Module):
         self.balancers = nn.ModuleList(build_balancer(s, c.num_routed_experts, c.num_experts, c.hidden_sizes)
                                        for s in c.balancers)
         self._loss_names = [loss_name(s) for s in c.balancers]
+        # (E,) float32 constant added to the selection scores (parallel.parallelize's locality
+        # bonus for the experts on this rank), or None
+        self.locality_bias: torch.Tensor | None = None
 
     @property
     def expert_bias(self) -> torch.Tensor | None:
@@ -158,6 +161,9 @@ class MoE(nn.Module):
         biased = [b for b in self.balancers if b.selection_bias() is not None]
         bias_E = biased[0].selection_bias() if biased else None
         multiplicative = bool(biased) and biased[0].multiplicative
+        fixed_E = None if self.locality_bias is None else self.locality_bias.to(x.device)
+        if fixed_E is not None:
+            bias_E = fixed_E if bias_E is None else bias_E + fixed_E
         decision = self.router(x_TD, bias_E, mask_T, multiplicative, prev_logits)
 
         y_TD = unpermute(self._expert_outputs(permute(x_TD, decision), decision), decision, x_TD.shape[0])
@@ -174,7 +180,7 @@ class MoE(nn.Module):
         observers = [b for b in self.balancers if b.observes_counts]
         if observers and self.training and y_TD.requires_grad:
             counts_E = decision.routed_tokens_per_expert.detach()
-            stats = [b.routing_stats(decision, self.router) for b in observers]
+            stats = [b.routing_stats(decision, self.router, fixed_E) for b in observers]
             y_TD = _ObserveOnBackward.apply(y_TD, counts_E, observers, stats)
         return MoEOutput(y=y_TD.view(x.shape), aux_loss=aux_loss, decision=decision, losses=losses)
 
