@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ._optional import missing_dependency_message
 from .methods import SWEEPS, list_methods
-from .train import (TRAIN_PRESETS, NonFiniteTraining, TrainConfig, TrainingInterrupted, build_model, compare,
+from .parallel import launch, shutdown
+from .train import (TRAIN_PRESETS, DistributedFailure, NonFiniteTraining, TrainConfig, TrainingInterrupted, build_model, compare,
                     train, train_config)
 
 DEFAULT_METHODS = ("aux_loss", "loss_free", "loss_free_adaptive")
@@ -63,6 +64,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -76,6 +84,14 @@ def _seeds(text: str) -> list[int]:
     if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"expected distinct integers >= 0, got {text!r}")
     return seeds
+
+
+def _add_parallel_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("distributed (launch with torchrun --nproc_per_node=N -m moe_balance ...)")
+    group.add_argument("--expert-parallel", type=_positive_int, default=1, metavar="N",
+                       help="shard each layer's experts over N processes (default: 1, experts replicated)")
+    group.add_argument("--dist-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
+                       help="fail when another process is lost for this long (default: 600)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="replace what is in --out (default: refuse)")
     _add_config_flags(p)
+    _add_parallel_flags(p)
 
     for name, helptext in (("compare", "train several methods x seeds and write a report"),
                            ("sweep", "the paper's ablations (u, alpha, additive vs multiplicative) and "
@@ -108,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seeds", type=_seeds, default=[0],
                        help="comma-separated seeds (default: 0)")
         _add_config_flags(p, skip=("method", "seed"))
+        _add_parallel_flags(p)
 
     p = sub.add_parser("bench", help="time the expert paths (loop, bmm, grouped_mm) in one run")
     p.add_argument("--tokens", type=_positive_int, default=4096)
@@ -133,36 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     command_line = "moe-balance " + shlex.join(argv)
+    parallel = None
     try:
-        if args.command == "methods":
-            for m in list_methods():
-                print(f"{m.name:<24} {m.description}")
-                if m.reference:
-                    print(f"{'':<24} reference: {m.reference}")
-        elif args.command == "bench":
-            from .bench import bench_experts, format_bench
-
-            print(format_bench(bench_experts(tokens=args.tokens, num_experts=args.num_experts,
-                                             top_k=args.top_k, repeats=args.repeats)))
-        elif args.command == "plan-placement":
-            _print_placement(args.metrics, args.devices, args.method, args.time_limit)
-        elif args.command == "params":
-            _print_params(args.preset)
-        elif args.command == "train":
-            result = train(_config_from_args(args), args.out, resume=args.resume, overwrite=args.overwrite)
-            print(f"val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}  "
-                  f"maxvio_global {result['maxvio_global']:.3f}  ({result['wall_seconds']:.0f} s) -> {args.out}")
-        elif args.command == "demo":
-            # resume: a finished demo is only re-evaluated, so a second `make demo` is quick
-            compare(list(DEMO_METHODS), [0], train_config("quick"), args.out, resume=True,
-                    command=command_line)
-            print(f"report: {Path(args.out) / 'report.md'}")
-        else:
-            skip = ("method", "seed")
-            methods = args.methods if args.command == "compare" else _sweep_methods(args.which)
-            compare(methods, args.seeds, _config_from_args(args, skip), args.out, resume=args.resume,
-                    overwrite=args.overwrite, command=command_line)
-            print(f"report: {Path(args.out) / 'report.md'}")
+        if hasattr(args, "expert_parallel"):
+            parallel = launch(args.expert_parallel, args.dist_timeout)
+        return _run(args, command_line, parallel)
     except TrainingInterrupted as stop:
         if args.debug:
             raise
@@ -195,6 +188,51 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {err.filename}" if getattr(err, "filename", None) else ""
         print(f"moe-balance: error: {err.strerror or err}{where}", file=sys.stderr)
         return 1
+    except DistributedFailure as err:
+        if args.debug:
+            raise
+        print(f"moe-balance: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if parallel is not None:
+            shutdown()
+
+
+def _run(args, command_line: str, parallel) -> int:
+    """Carry out one parsed command; in a distributed run only rank 0 prints."""
+    main = parallel is None or parallel.data_rank == 0
+    if args.command == "methods":
+        for m in list_methods():
+            print(f"{m.name:<24} {m.description}")
+            if m.reference:
+                print(f"{'':<24} reference: {m.reference}")
+    elif args.command == "bench":
+        from .bench import bench_experts, format_bench
+
+        print(format_bench(bench_experts(tokens=args.tokens, num_experts=args.num_experts,
+                                         top_k=args.top_k, repeats=args.repeats)))
+    elif args.command == "plan-placement":
+        _print_placement(args.metrics, args.devices, args.method, args.time_limit)
+    elif args.command == "params":
+        _print_params(args.preset)
+    elif args.command == "train":
+        result = train(_config_from_args(args), args.out, resume=args.resume, overwrite=args.overwrite,
+                       progress=main, parallel=parallel)
+        if main:
+            print(f"val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}  "
+                  f"maxvio_global {result['maxvio_global']:.3f}  ({result['wall_seconds']:.0f} s) -> {args.out}")
+    elif args.command == "demo":
+        # resume: a finished demo is only re-evaluated, so a second `make demo` is quick
+        compare(list(DEMO_METHODS), [0], train_config("quick"), args.out, resume=True,
+                command=command_line)
+        print(f"report: {Path(args.out) / 'report.md'}")
+    else:
+        skip = ("method", "seed")
+        methods = args.methods if args.command == "compare" else _sweep_methods(args.which)
+        compare(methods, args.seeds, _config_from_args(args, skip), args.out, resume=args.resume,
+                overwrite=args.overwrite, command=command_line, progress=main, parallel=parallel)
+        if main:
+            print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
 

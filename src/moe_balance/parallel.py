@@ -28,6 +28,7 @@ equals a single process's bias for the same global batch.
 from __future__ import annotations
 
 import datetime
+import os
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,30 @@ def init_parallel(expert_parallel: int = 1, timeout: datetime.timedelta | None =
     return ParallelGroups(data=dist.group.WORLD, expert=expert, expert_data=expert_data)
 
 
+def launch(expert_parallel: int = 1, timeout_seconds: float = 600.0) -> ParallelGroups | None:
+    """For the command line: join the processes torchrun started (its environment variables:
+    WORLD_SIZE, RANK, MASTER_ADDR, ...) over gloo and build the groups; None for a single
+    process without ``expert_parallel``. A collective that waits longer than
+    ``timeout_seconds`` for a lost rank fails with an error instead of hanging."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not (isinstance(expert_parallel, int) and expert_parallel >= 1):
+        raise ValueError(f"--expert-parallel {expert_parallel!r} must be an integer >= 1")
+    if not (timeout_seconds > 0):
+        raise ValueError(f"--dist-timeout {timeout_seconds!r} must be a number of seconds > 0")
+    if world == 1 and expert_parallel == 1:
+        return None
+    if world % expert_parallel:
+        hint = (f"launch {expert_parallel} processes: torchrun --nproc_per_node={expert_parallel} -m moe_balance ..."
+                if world == 1 else f"choose a divisor of {world}")
+        raise ValueError(f"--expert-parallel {expert_parallel} needs a multiple of {expert_parallel} processes; "
+                         f"there are {world}: {hint}")
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    # NOTE: the harness trains on the CPU, so gloo; a GPU trainer would pass "nccl" (the layer
+    # itself works with either: it only calls all_to_all_single and all_reduce)
+    dist.init_process_group("gloo", timeout=timeout)
+    return init_parallel(expert_parallel, timeout)
+
+
 def expert_ranks(num_experts: int, ep_size: int) -> torch.Tensor:
     """(E,) int64: the expert-parallel rank holding each expert (consecutive blocks of E/ep)."""
     if num_experts % ep_size:
@@ -112,7 +137,8 @@ class ShardedSwiGLUExperts(SwiGLUExperts):
     single-process one only in that dimension (``gather_state_dict`` puts it back).
 
     ``last_sent_rows``: rows this rank sent to other ranks in its last forward's dispatch
-    (the combine sends as many back), for the all-to-all volume metric.
+    (the combine returns them); ``last_sent_bytes``: the bytes this rank sent in that forward's
+    dispatch and combine (the backward's two all-to-alls send as many again).
     """
 
     def __init__(self, full: SwiGLUExperts, group: dist.ProcessGroup):
@@ -124,7 +150,7 @@ class ShardedSwiGLUExperts(SwiGLUExperts):
         self.first_expert = int(local.nonzero()[0])
         for name in ("w_gate", "w_up", "w_down"):
             setattr(self, name, nn.Parameter(getattr(full, name).detach()[local].clone()))
-        self.last_sent_rows = 0
+        self.last_sent_rows = self.last_sent_bytes = 0
 
     def forward(self, x_AD: torch.Tensor, tokens_per_expert: torch.Tensor, impl: str | None = None) -> torch.Tensor:
         from torch.distributed._functional_collectives import all_to_all_single_autograd
@@ -140,6 +166,8 @@ class ShardedSwiGLUExperts(SwiGLUExperts):
         send_R = counts_E.view(ep, L).sum(1).tolist()
         recv_R = received_RL.sum(1).tolist()
         self.last_sent_rows = sum(send_R) - send_R[rank]
+        combine_rows = sum(recv_R) - recv_R[rank]  # the rows other ranks sent here go back
+        self.last_sent_bytes = (self.last_sent_rows + combine_rows) * x_AD.shape[-1] * x_AD.element_size()
         # 2. dispatch: the rows arrive grouped by (source rank, local expert)
         x_recv = all_to_all_single_autograd(x_AD.contiguous(), recv_R, send_R, self.group)
         # 3. regroup by local expert (stable: by source rank within an expert), run, restore
@@ -236,13 +264,17 @@ def clip_grad_norm(model: nn.Module, max_norm: float, groups: ParallelGroups) ->
     with_grad = [p for p in model.parameters() if p.grad is not None]
     dense = [p.grad for p in with_grad if id(p) not in experts]
     sharded = [p.grad for p in with_grad if id(p) in experts]
-    zero = torch.zeros((), dtype=torch.float64)
-    dense_sq = torch.nn.utils.get_total_norm(dense).double().square() if dense else zero
-    expert_sq = torch.nn.utils.get_total_norm(sharded).double().square() if sharded else zero.clone()
+
+    def square_norm(grads):  # float64: the sum of squares of many float32 gradients
+        return sum((g.detach().double().square().sum() for g in grads), torch.zeros((), dtype=torch.float64))
+
+    dense_sq, expert_sq = square_norm(dense), square_norm(sharded)
     if groups.ep_size > 1:
         dist.all_reduce(expert_sq, group=groups.expert)
     total = (dense_sq + expert_sq).sqrt().float()
-    torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total)  # takes the parameters
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_ rule
+    for p in with_grad:
+        p.grad.mul_(coef.to(p.grad.device))
     return total
 
 
@@ -323,3 +355,26 @@ def shutdown() -> None:
     gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_from_first(obj, groups: ParallelGroups):
+    """Rank 0's ``obj`` (any picklable object) on every rank of the data group. Collective."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(groups.data, 0), group=groups.data)
+    return box[0]
+
+
+def sum_over_ranks(t: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """A copy of ``t`` summed over the data group. Collective."""
+    total = t.clone()
+    dist.all_reduce(total, group=groups.data)
+    return total
+
+
+def device_loads(loads_LE: torch.Tensor, ep_size: int) -> dict:
+    """Per-device load from the global batch's (L, E) per-expert counts: the assignments each
+    expert-parallel rank's experts process, per layer, and their max / mean (1 = even)."""
+    L, E = loads_LE.shape
+    per_rank_LR = loads_LE.double().view(L, ep_size, E // ep_size).sum(-1)
+    ratio_L = per_rank_LR.max(-1).values / per_rank_LR.mean(-1).clamp_min(1e-12)
+    return {"device_loads": per_rank_LR.long().tolist(), "device_load_max_over_mean": float(ratio_L.mean())}

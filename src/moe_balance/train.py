@@ -22,12 +22,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from . import parallel as par
 from ._files import LOCK_NAME, RunDirectoryError, exclusive_lock, remove_if_unused
 from ._optional import require
 from .balancing import LossFreeBalancer, discard_pending_counts, update_balancers
@@ -81,6 +83,7 @@ class TrainConfig:
     constant_experts: int | None = None  # ... that output a learned vector mixed with the input
     gating_residual: bool | None = None  # add the previous MoE layer's router logits (MoE++)
     expert_width_ratios: str | None = None  # HMoE: e.g. "0.5,1.5": expert widths x the preset's, repeated
+    locality_bonus: float = 0.0        # expert parallel: selection bonus for the token's own rank's experts
 
     def __post_init__(self) -> None:
         def integer(value) -> bool:
@@ -113,6 +116,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.val_fraction={self.val_fraction!r} must be a number in (0, 1)")
         if not (number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
             raise ValueError(f"TrainConfig.min_lr_ratio={self.min_lr_ratio!r} must be a number in [0, 1]")
+        if not (number(self.locality_bonus) and self.locality_bonus >= 0):
+            raise ValueError(f"TrainConfig.locality_bonus={self.locality_bonus!r} must be a finite number >= 0")
         if not (number(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"TrainConfig.weight_decay={self.weight_decay!r} must be a finite number >= 0")
         for name in ("preset", "method", "cache_dir"):
@@ -414,9 +419,55 @@ def _signals_deferred():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _training_state(model, optimizer, scheduler, step: int) -> dict:
-    return {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+def _training_state(model, optimizer, scheduler, step: int, parallel: par.ParallelGroups | None) -> dict:
+    """The checkpoint's content, always in the single-process layout (a parallel run gathers
+    its experts and their optimizer moments: collective), so any layout can resume it."""
+    if parallel is None:
+        model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+    else:
+        model_state = par.gather_state_dict(model, parallel)
+        optimizer_state = par.gather_optimizer_state(optimizer, model, parallel)
+    return {"step": step, "model": model_state, "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+
+
+def _load_training_state(model, optimizer, scheduler, state: dict, parallel: par.ParallelGroups | None) -> None:
+    if parallel is None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        par.load_full_state_dict(model, state["model"], parallel)
+        par.load_full_optimizer_state(optimizer, model, state["optimizer"], parallel)
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+
+
+def _full_model(model: MoETransformer, parallel: par.ParallelGroups | None) -> MoETransformer | None:
+    """The single-process model with this run's weights: ``model`` itself, or for a parallel
+    run a copy assembled on rank 0 from every rank's experts (collective; None elsewhere)."""
+    if parallel is None:
+        return model
+    state = par.gather_state_dict(model, parallel)
+    if parallel.data_rank != 0:
+        return None
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the run's RNG alone
+        full = MoETransformer(model.config)
+    full.load_state_dict(state)
+    return full.train(model.training)
+
+
+def _prepare(cfg: TrainConfig, progress: bool, parallel: par.ParallelGroups | None) -> TokenizedCorpus:
+    """The run's corpus; in a parallel run rank 0 builds (and caches) it first, the others then
+    read the cache, so no two processes write it at once."""
+    def prepare(show: bool) -> TokenizedCorpus:
+        return prepare_corpus(cfg.data, vocab_size=cfg.vocab_size, cache_dir=Path(cfg.cache_dir),
+                              val_fraction=cfg.val_fraction, max_train_tokens=cfg.max_train_tokens, progress=show)
+
+    if parallel is None:
+        return prepare(progress)
+    corpus = prepare(progress) if parallel.data_rank == 0 else None
+    par.broadcast_from_first(None, parallel)  # rank 0 is done with the cache
+    return corpus if corpus is not None else prepare(False)
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -486,7 +537,8 @@ def _claim_run_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
           corpus: TokenizedCorpus | None = None, progress: bool = True,
-          on_step: Callable[[int, dict], None] | None = None) -> dict:
+          on_step: Callable[[int, dict], None] | None = None,
+          parallel: par.ParallelGroups | None = None) -> dict:
     """Train one model; returns the final evaluation plus wall time and token counts.
 
     resume: continue from the newest complete checkpoint in ``out_dir`` (fresh start if none);
@@ -495,7 +547,58 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, overwr
     The run holds an exclusive lock on ``out_dir`` (``RunDirectoryError`` if another process
     has it). on_step(step, record) is called after each optimizer step (used by tests to
     simulate a crash).
+
+    parallel: run on every rank of these groups (``parallel.launch`` under torchrun): each rank
+    trains on its share of every global batch, the experts sharded over ``parallel.expert``.
+    Rank 0 alone owns ``out_dir`` (lock, logs, checkpoints, evaluation); every rank returns
+    the same result.
     """
+    if parallel is not None:
+        _check_parallel(cfg, parallel)
+        if parallel.data_rank != 0:
+            refused = par.broadcast_from_first(None, parallel)
+            if refused is not None:
+                raise RunDirectoryError(refused)
+            return _train(cfg, Path(out_dir), resume=resume, corpus=corpus, progress=False, on_step=on_step,
+                          parallel=parallel)
+        with ExitStack() as stack:
+            try:
+                out_dir, created = stack.enter_context(_claim(out_dir, resume=resume, overwrite=overwrite))
+            except (RunDirectoryError, OSError) as err:  # the others must not wait for a run that never starts
+                par.broadcast_from_first(str(err), parallel)
+                raise
+            par.broadcast_from_first(None, parallel)
+            return _guarded(out_dir, created, lambda: _train(cfg, out_dir, resume=resume, corpus=corpus,
+                                                             progress=progress, on_step=on_step, parallel=parallel))
+    with _claim(out_dir, resume=resume, overwrite=overwrite) as (out_dir, created):
+        return _guarded(out_dir, created, lambda: _train(cfg, out_dir, resume=resume, corpus=corpus,
+                                                         progress=progress, on_step=on_step, parallel=None))
+
+
+def _check_parallel(cfg: TrainConfig, parallel: par.ParallelGroups) -> None:
+    world, ep = parallel.data_size, parallel.ep_size
+    if cfg.batch_size % world:
+        raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} must be divisible by the {world} "
+                         "processes: each trains on an equal share of every batch")
+    experts = model_config(cfg).moe.num_experts
+    if experts % ep:
+        raise ValueError(f"the model's {experts} experts cannot be split over --expert-parallel {ep}: "
+                         f"choose a divisor of {experts}")
+
+
+def _guarded(out_dir: Path, created: bool, run: Callable[[], dict]) -> dict:
+    try:
+        return run()
+    except BaseException:
+        if created:  # a run that failed before writing anything leaves no empty directory
+            remove_if_unused(out_dir)
+        raise
+
+
+@contextmanager
+def _claim(out_dir: str | Path, *, resume: bool, overwrite: bool):
+    """Lock the run directory and check it may be used (``_claim_run_dir``); yields
+    (path, whether this call created it)."""
     if not str(out_dir).strip():
         raise RunDirectoryError("the run directory (--out) must be a non-empty path")
     out_dir = Path(out_dir)
@@ -506,65 +609,90 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, overwr
         try:
             _claim_run_dir(out_dir, resume=resume, overwrite=overwrite)
             remove_orphan_temporaries(out_dir)  # from a writer killed mid-checkpoint; we hold the lock
-            return _train(cfg, out_dir, resume=resume, corpus=corpus, progress=progress, on_step=on_step)
         except BaseException:
-            if created:  # a run that failed before writing anything leaves no empty directory
+            if created:
                 remove_if_unused(out_dir)
             raise
+        yield out_dir, created
 
 
 def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCorpus | None,
-           progress: bool, on_step: Callable[[int, dict], None] | None) -> dict:
-    require("tensorboard", "TensorBoard logging")
-    from torch.utils.tensorboard import SummaryWriter
+           progress: bool, on_step: Callable[[int, dict], None] | None,
+           parallel: par.ParallelGroups | None = None) -> dict:
+    main = parallel is None or parallel.data_rank == 0  # the rank that owns out_dir
+    if main:
+        require("tensorboard", "TensorBoard logging")
+        from torch.utils.tensorboard import SummaryWriter
 
     tqdm = require("tqdm", "progress bars").tqdm
     if corpus is None:
-        corpus = prepare_corpus(cfg.data, vocab_size=cfg.vocab_size, cache_dir=Path(cfg.cache_dir),
-                                val_fraction=cfg.val_fraction, max_train_tokens=cfg.max_train_tokens,
-                                progress=progress)
+        corpus = _prepare(cfg, progress, parallel)
     model = build_model(cfg, corpus.vocab_size)
+    if parallel is not None:  # every rank built the same full model: each keeps its experts
+        par.parallelize(model, parallel, locality_bonus=cfg.locality_bonus)
     optimizer, scheduler = build_optimizer(model, cfg)
     start_step, wall_before = 0, 0.0
     state = None
-    if resume:
+    if resume and main:
         state, checkpoint, skipped = latest_valid_checkpoint(out_dir)
         for reason in skipped:
             print(f"moe-balance: skipping {reason}", file=sys.stderr)
         if skipped:
             print(f"moe-balance: resuming from {checkpoint}" if checkpoint is not None
                   else "moe-balance: no usable checkpoint; starting from step 0", file=sys.stderr)
+        if state is not None:
+            _check_same_config(out_dir, cfg)
+    if resume and parallel is not None:
+        state = par.broadcast_from_first(state, parallel)
     if state is not None:
-        _check_same_config(out_dir, cfg)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        _load_training_state(model, optimizer, scheduler, state, parallel)
         start_step, wall_before = state["step"], state.get("wall_seconds", 0.0)
     metrics_path = out_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start_step)  # a fresh start (step 0) keeps no line
-    atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(
-        {"train": dataclasses.asdict(cfg), "model": _jsonable(model.config),
-         "params": model.param_counts(), "vocab_size": corpus.vocab_size}, indent=2)))
+    full = _full_model(model, parallel)
+    if main:
+        _truncate_metrics(metrics_path, start_step)  # a fresh start (step 0) keeps no line
+        layout = None if parallel is None else {"processes": parallel.data_size, "expert_parallel": parallel.ep_size}
+        atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(
+            {"train": dataclasses.asdict(cfg), "model": _jsonable(model.config),
+             "params": full.param_counts(), "vocab_size": corpus.vocab_size, "parallel": layout}, indent=2)))
+    del full
 
     sampler = BatchSampler(corpus.train, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
-    writer = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1)
+    writer = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1) if main else None
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     model.train()
     started = time.perf_counter()
     bar = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps,
-               desc=f"{cfg.method} s{cfg.seed}", disable=not progress, dynamic_ncols=True)
+               desc=f"{cfg.method} s{cfg.seed}", disable=not (progress and main), dynamic_ncols=True)
     done = start_step  # optimizer steps finished (for the message if Ctrl-C stops the run)
     skipped_in_a_row = 0
+    routing = _RankStats(model, parallel) if parallel is not None and parallel.ep_size > 1 else None
     try:
-        with open(metrics_path, "a") as metrics_file:
+        with open(metrics_path, "a") if main else nullcontext() as metrics_file:
             for step in bar:
                 t0 = time.perf_counter()
-                record = _train_step(model, optimizer, scheduler, sampler, cfg, step)
+                try:
+                    record = _train_step(model, optimizer, scheduler, sampler, cfg, step, parallel, routing)
+                except RuntimeError as err:
+                    if parallel is None:
+                        raise
+                    raise DistributedFailure(
+                        f"step {step} failed on rank {parallel.data_rank}: {err} (in a distributed run this "
+                        "usually means another rank died or hung longer than --dist-timeout: read its log)") from err
                 record["tokens_per_second"] = tokens_per_step / (time.perf_counter() - t0)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                    ev = evaluate(model, corpus, cfg)
-                    record.update(val_loss=ev["val_loss"], val_ppl=ev["val_ppl"], maxvio_global=ev["maxvio_global"])
+                    full = _full_model(model, parallel)
+                    if main:
+                        ev = evaluate(full, corpus, cfg)
+                        record.update(val_loss=ev["val_loss"], val_ppl=ev["val_ppl"], maxvio_global=ev["maxvio_global"])
+                    del full
+                if not main:  # rank 0 logs and saves; the others take part in the gathering only
+                    done = step
+                    if _checkpoint_due(cfg, step):
+                        _training_state(model, optimizer, scheduler, step, parallel)
+                    if on_step is not None:
+                        on_step(step, record)
+                    continue
                 with _signals_deferred():  # a Ctrl-C lands before or after the line, never between
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
@@ -580,31 +708,92 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCo
                 elif step % cfg.log_every == 0:
                     for key in ("loss", "lm_loss", "aux_loss", "lr", "maxvio_batch", "cv", "tokens_per_second"):
                         writer.add_scalar(f"train/{key}", record[key], step)
+                    for key in ("device_load_max_over_mean", "ranks_per_token", "cross_rank_fraction",
+                                "all_to_all_bytes"):  # expert-parallel runs only
+                        if key in record:
+                            writer.add_scalar(f"parallel/{key}", record[key], step)
                 if not record.get("skipped"):
                     bar.set_postfix(loss=f"{record['loss']:.3f}", maxvio=f"{record['maxvio_batch']:.2f}")
-                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
-                    state = _training_state(model, optimizer, scheduler, step)
+                if _checkpoint_due(cfg, step):
+                    state = _training_state(model, optimizer, scheduler, step, parallel)
                     state["wall_seconds"] = wall_before + time.perf_counter() - started
                     save_checkpoint(out_dir, step, state)
                 if on_step is not None:
                     on_step(step, record)
     except KeyboardInterrupt:
         raise TrainingInterrupted(done, out_dir) from None
+    finally:
+        if routing is not None:
+            routing.remove()
     wall_seconds = wall_before + time.perf_counter() - started
 
-    result = evaluate(model, corpus, cfg)
-    for key in ("val_loss", "val_ppl", "maxvio_global"):
-        writer.add_scalar(f"eval/{key}", result[key], cfg.steps)
-    writer.close()
-    result.update(wall_seconds=wall_seconds, train_tokens=tokens_per_step * cfg.steps,
-                  params=model.param_counts())
-    atomic_write(out_dir / "eval.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
-    _save_weights(model, out_dir / "model.safetensors")
-    return result
+    full = _full_model(model, parallel)
+    result = None
+    if main:
+        result = evaluate(full, corpus, cfg)
+        for key in ("val_loss", "val_ppl", "maxvio_global"):
+            writer.add_scalar(f"eval/{key}", result[key], cfg.steps)
+        writer.close()
+        result.update(wall_seconds=wall_seconds, train_tokens=tokens_per_step * cfg.steps,
+                      params=full.param_counts())
+        atomic_write(out_dir / "eval.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+        _save_weights(full, out_dir / "model.safetensors")
+    return result if parallel is None else par.broadcast_from_first(result, parallel)
 
 
-def _train_step(model, optimizer, scheduler, sampler, cfg: TrainConfig, step: int) -> dict:
+def _checkpoint_due(cfg: TrainConfig, step: int) -> bool:
+    return bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps
+
+
+class DistributedFailure(RuntimeError):
+    """A parallel run's step failed on this rank: mostly a collective that lost another rank
+    (it died, or hung past the process group's timeout); the message names step and rank."""
+
+
+class _RankStats:
+    """Expert-parallel routing metrics gathered by forward hooks on the MoE layers during
+    training forwards: ranks per token (device-limited routing's count), the fraction of FFN
+    assignments that leave their token's rank, and bytes sent by the all-to-alls."""
+
+    def __init__(self, model: MoETransformer, parallel: par.ParallelGroups):
+        self.parallel = parallel
+        self.ranks_E = par.expert_ranks(model.config.moe.num_experts, parallel.ep_size)
+        self.totals = torch.zeros(5, dtype=torch.float64)  # ranks, tokens, crossing, FFN assignments, bytes
+        self.hooks = [layer.register_forward_hook(self._record) for layer in model.moe_layers]
+
+    def _record(self, layer, args, out) -> None:
+        if not (layer.training and torch.is_grad_enabled()):
+            return
+        selected_TK = out.decision.selected.detach().cpu()
+        if out.decision.token_mask is not None:
+            selected_TK = selected_TK[out.decision.token_mask.cpu()]
+        ffn_TK = (selected_TK >= 0) & (selected_TK < self.ranks_E.numel())
+        crossing = (self.ranks_E[selected_TK.clamp(0, self.ranks_E.numel() - 1)] != self.parallel.ep_rank) & ffn_TK
+        self.totals += torch.tensor([float(par.ranks_per_token(selected_TK, self.ranks_E).sum()),
+                                     selected_TK.shape[0], float(crossing.sum()), float(ffn_TK.sum()),
+                                     2.0 * layer.experts.last_sent_bytes])  # 2: the backward sends as much
+
+    def collect(self) -> dict:
+        """This step's metrics over every rank (collective), then reset."""
+        totals = self.totals.clone()
+        dist.all_reduce(totals, group=self.parallel.data)
+        self.totals.zero_()
+        ranks, tokens, crossing, assignments, sent = totals.tolist()
+        return {"ranks_per_token": ranks / max(tokens, 1), "cross_rank_fraction": crossing / max(assignments, 1),
+                "all_to_all_bytes": sent}
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def _train_step(model, optimizer, scheduler, sampler, cfg: TrainConfig, step: int,
+                parallel: par.ParallelGroups | None = None, routing: _RankStats | None = None) -> dict:
     """One optimizer step over ``grad_accum`` micro-batches, then the balancer update.
+
+    In a parallel run each rank trains on its share of every micro-batch; gradients, losses
+    and loads are then those of the whole global batch (``parallel.sync_gradients``), and the
+    record's ``maxvio_batch`` is over the computation batch (paper section 5.1).
 
     A NaN or inf loss, gradient norm or router logit stops training (``cfg.nonfinite="stop"``)
     or skips the step (``"skip"``): gradients and the balancers' pending counts are discarded,
@@ -618,6 +807,8 @@ def _train_step(model, optimizer, scheduler, sampler, cfg: TrainConfig, step: in
     try:
         for micro in range(cfg.grad_accum):
             tokens_BS1, _ = sampler.batch((step - 1) * cfg.grad_accum + micro)
+            if parallel is not None:  # this rank's equal share of the global batch
+                tokens_BS1 = tokens_BS1.chunk(parallel.data_size)[parallel.data_rank]
             with _autocast(cfg):
                 out = model(tokens_BS1[:, :-1], tokens_BS1[:, 1:])
             (out.loss / cfg.grad_accum).backward()
@@ -631,7 +822,14 @@ def _train_step(model, optimizer, scheduler, sampler, cfg: TrainConfig, step: in
         problem = str(err)
         grad_norm = float("nan")
     else:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        if parallel is None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        else:
+            par.sync_gradients(model, parallel)
+            grad_norm = float(par.clip_grad_norm(model, cfg.grad_clip, parallel))
+            means = par.sum_over_ranks(torch.tensor(list(sums.values()), dtype=torch.float64), parallel)
+            sums = dict(zip(sums, (means / parallel.data_size).tolist()))
+            loads_LE, kinds_L4 = par.sum_over_ranks(loads_LE, parallel), par.sum_over_ranks(kinds_L4, parallel)
         if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
             problem = f"loss {sums['loss']}, gradient norm {grad_norm}"
     if problem is not None:
@@ -658,6 +856,8 @@ def _train_step(model, optimizer, scheduler, sampler, cfg: TrainConfig, step: in
               "maxvio_batch": float(vio_L.mean()), "maxvio_batch_layers": vio_L.tolist(),
               "cv": float(coefficient_of_variation(loads_LE).mean()),
               "dead_experts": int(dead_experts(loads_LE).sum())}
+    if routing is not None:
+        record.update(**routing.collect(), **par.device_loads(loads_LE, parallel.ep_size))
     biases = _loss_free_biases(model)
     if biases is not None:
         record["bias"] = biases
@@ -691,29 +891,37 @@ def machine_info() -> dict:
 
 def compare(methods: list[str], seeds: list[int], base: TrainConfig, out_dir: str | Path, *,
             resume: bool = False, overwrite: bool = False, progress: bool = True,
-            command: str | None = None) -> list[dict]:
+            command: str | None = None, parallel: par.ParallelGroups | None = None) -> list[dict]:
     """Train every (method, seed) on the same data and init; write results and the report.
 
     Each run lives in ``out_dir/<method>_s<seed>`` under ``train``'s rules: ``resume`` continues
     (or only re-evaluates) existing runs, ``overwrite`` replaces them, neither refuses them.
+    parallel: every run is a parallel run (``train``); rank 0 writes the report, the other
+    ranks return an empty list.
     """
     for m in methods:
         get_method(m)
     out_dir = Path(out_dir)
     started = time.perf_counter()
-    corpus = prepare_corpus(base.data, vocab_size=base.vocab_size, cache_dir=Path(base.cache_dir),
-                            val_fraction=base.val_fraction, max_train_tokens=base.max_train_tokens,
-                            progress=progress)
+    main = parallel is None or parallel.data_rank == 0
+    corpus = _prepare(base, progress, parallel)
     results, runs = [], {}
     for method in methods:
         for seed in seeds:
             cfg = dataclasses.replace(base, method=method, seed=seed)
             run_dir = out_dir / f"{method}_s{seed}"
-            ev = train(cfg, run_dir, resume=resume, overwrite=overwrite, corpus=corpus, progress=progress)
+            ev = train(cfg, run_dir, resume=resume, overwrite=overwrite, corpus=corpus, progress=progress,
+                       parallel=parallel)
+            if not main:
+                continue
             results.append(summarize_run(run_dir, method=method, seed=seed, wall_seconds=ev["wall_seconds"],
                                          train_tokens=ev["train_tokens"]))
             runs.setdefault(method, []).append(run_dir)
+    if not main:
+        return []
     meta = {"command": command, "machine": machine_info(), "config": dataclasses.asdict(base),
+            "parallel": None if parallel is None else {"processes": parallel.data_size,
+                                                       "expert_parallel": parallel.ep_size},
             "methods": {m: get_method(m).description for m in methods}, "seeds": seeds,
             "corpus": {"spec": base.data or "stdlib", "vocab_size": corpus.vocab_size,
                        "train_tokens": int(len(corpus.train.tokens)), "val_tokens": int(len(corpus.val.tokens)),
