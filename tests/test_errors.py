@@ -248,6 +248,12 @@ CASES = {
     "run-different-config": _different_config,
     "training-nonfinite": _tested_elsewhere("tests/test_train.py"),
     "training-interrupted": _tested_elsewhere("tests/test_cli.py"),
+    "ep-needs-processes": lambda ctx: cli_error(["train", "--preset", "tiny", "--out", str(ctx["tmp"] / "r"),
+                                                 "--expert-parallel", "2"], ctx["capsys"]),
+    "ep-batch-split": _tested_elsewhere("tests/test_parallel_harness.py"),
+    "ep-heterogeneous": _tested_elsewhere("tests/test_parallel.py"),
+    "ep-lost-rank": _tested_elsewhere("tests/test_parallel.py"),
+    "locality-negative": lambda ctx: error_of(lambda: train_config("tiny", locality_bonus=-1)),
 }
 
 

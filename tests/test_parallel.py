@@ -273,3 +273,71 @@ def test_a_lost_rank_fails_the_others_within_the_timeout(how):
     assert results[0]["error"] is not None
     assert ("by peer" if how == "dies" else "Timed out") in results[0]["error"]  # closed or reset by peer
     assert results[0]["seconds"] < 30
+
+
+def refusal_worker(rank, world, port, results):
+    init(rank, world, port)
+    try:
+        groups = init_parallel(2)
+        errors = []
+        hmoe = MoEConfig(d_model=D, num_experts=4, top_k=2, expert_hidden_sizes=(8, 8, 16, 16))
+        multiplicative = MoEConfig(d_model=D, num_experts=4, top_k=2, expert_hidden_size=8,
+                                   balancers=(LossFree(form="multiplicative"),))
+        for config, bonus in ((hmoe, 0.0), (multiplicative, 0.1)):
+            try:
+                parallelize(MoE(config), groups, locality_bonus=bonus)
+            except ValueError as err:
+                errors.append(str(err))
+        results[rank] = errors
+    finally:
+        shutdown()
+
+
+def test_layers_expert_parallelism_cannot_shard_are_refused():
+    errors = spawn(refusal_worker, 2)[0]
+    assert len(errors) == 2
+    assert "expert parallelism shards equal-width SwiGLU experts" in errors[0] and "HMoE" in errors[0]
+    assert "the multiplicative Loss-Free form multiplies them" in errors[1]
+
+
+def training_worker(rank, world, port, results, data, cache, out):
+    """The harness itself (train) on 2 ranks; rank 1 dies after step 3."""
+    from moe_balance.train import train, train_config
+
+    init(rank, world, port, timeout=10)
+    groups = init_parallel(2, timeout=datetime.timedelta(seconds=10))
+    cfg = train_config("tiny", data=data, vocab_size=300, cache_dir=cache, steps=50, checkpoint_every=0)
+
+    def on_step(step, record):
+        if rank == 1 and step == 3:
+            os._exit(7)
+
+    started = time.monotonic()
+    try:
+        train(cfg, out, progress=False, on_step=on_step, parallel=groups)
+    except Exception as err:  # noqa: BLE001 - recorded for the test to read
+        results[rank] = {"type": type(err).__name__, "message": str(err), "seconds": time.monotonic() - started}
+    os._exit(0)
+
+
+def test_the_harness_names_the_lost_rank_instead_of_hanging(tmp_path):
+    data = tmp_path / "corpus"
+    data.mkdir()
+    for i in range(6):
+        (data / f"f{i}.txt").write_text(" ".join(f"word{j % 50}" for j in range(i, 3000 + i)))
+    results = mp.Manager().dict()
+    context = mp.spawn(training_worker, args=(2, free_port(), results, str(data), str(tmp_path / "cache"),
+                                              str(tmp_path / "run")), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while 0 not in results and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in context.processes:
+        p.kill()
+    assert 0 in results, "rank 0 hung instead of failing"
+    assert results[0]["type"] == "DistributedFailure"
+    message = results[0]["message"]
+    assert "step 4 failed on rank 0" in message
+    assert "another rank died or hung longer than --dist-timeout" in message
+    # what rank 0 logged before the loss is kept: steps 1-3
+    logged = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(logged) == 3
