@@ -18,6 +18,7 @@ EXTRAS = {
     "matplotlib": "train",
     "safetensors": "train",
     "scipy": "train",
+    "accelerate": "hf",
     "datasets": "hf",
     "transformers": "hf",
 }

@@ -249,11 +249,20 @@ class LossFreeBalancer(Balancer):
         scores_TE = decision.scores.detach()
         bias_E = self.expert_bias if fixed_bias_E is None else self.expert_bias + fixed_bias_E
         selection_TE = router.selection(scores_TE, bias_E, self.multiplicative)
-        selected_TE = decision.selected_mask()
-        margins_TE = controller.flip_margins(selection_TE, selected_TE, router.competition_groups,
+        return self.margin_stats(scores_TE, selection_TE, decision.selected_mask(), router.competition_groups,
+                                 decision.token_mask)
+
+    @torch.no_grad()
+    def margin_stats(self, scores_TE: torch.Tensor, selection_TE: torch.Tensor, selected_TE: torch.Tensor,
+                     groups: int = 1, token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
+        """(2, E, B) flip-margin histograms from a forward's unbiased scores, the biased
+        selection scores it ranked and its (T, E) bool choices (``controller.flip_margins``);
+        padding rows (token_mask False) are left out. For routers outside ``MoE`` (the
+        transformers integration)."""
+        margins_TE = controller.flip_margins(selection_TE, selected_TE, groups,
                                              scores_TE if self.multiplicative else None)
-        if decision.token_mask is not None:
-            margins_TE = margins_TE.masked_fill(~decision.token_mask.unsqueeze(-1), float("inf"))
+        if token_mask_T is not None:
+            margins_TE = margins_TE.masked_fill(~token_mask_T.unsqueeze(-1), float("inf"))
         return controller.margin_histograms(margins_TE, selected_TE, self.margin_edges)
 
     def observe(self, counts_E: torch.Tensor, stats: torch.Tensor | None = None) -> None:

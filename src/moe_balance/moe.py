@@ -67,6 +67,42 @@ class _ObserveOnBackward(torch.autograd.Function):
         return grad_y, None, None, None
 
 
+def observe_on_backward(y: torch.Tensor, counts_E: torch.Tensor, balancers, stats=None,
+                        anchor: torch.Tensor | None = None) -> torch.Tensor:
+    """y, unchanged, with a backward that reports ``counts_E`` (and each balancer's ``stats``)
+    to ``balancers`` via ``Balancer.observe``: the count-on-backward contract (see
+    ``_ObserveOnBackward``). Call it in training forwards on a tensor the loss depends on.
+
+    anchor: when y does not require grad (a frozen router's gates), a tensor that does (the
+    layer's input): the report then rides on it, which receives a zero gradient. With neither
+    requiring grad nothing is trained on this forward, and nothing is reported.
+    """
+    balancers = list(balancers)
+    stats = list(stats) if stats is not None else [None] * len(balancers)
+    if y.requires_grad:
+        return _ObserveOnBackward.apply(y, counts_E, balancers, stats)
+    if anchor is not None and anchor.requires_grad:
+        return _ObserveThroughAnchor.apply(y, anchor, counts_E, balancers, stats)
+    return y
+
+
+class _ObserveThroughAnchor(torch.autograd.Function):
+    """``observe_on_backward`` for a y without gradient: reports when the anchor's gradient
+    is computed, giving the anchor zeros."""
+
+    @staticmethod
+    def forward(ctx, y, anchor, counts_E, balancers, stats):
+        ctx.counts_E, ctx.balancers, ctx.stats = counts_E, balancers, stats
+        ctx.anchor_shape, ctx.anchor_dtype = anchor.shape, anchor.dtype
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        for balancer, stats in zip(ctx.balancers, ctx.stats):
+            balancer.observe(ctx.counts_E, stats)
+        return None, grad_y.new_zeros(ctx.anchor_shape, dtype=ctx.anchor_dtype), None, None, None
+
+
 class MoE(nn.Module):
     """Mixture-of-Experts FFN layer configured by ``MoEConfig``."""
 
@@ -181,7 +217,7 @@ class MoE(nn.Module):
         if observers and self.training and y_TD.requires_grad:
             counts_E = decision.routed_tokens_per_expert.detach()
             stats = [b.routing_stats(decision, self.router, fixed_E) for b in observers]
-            y_TD = _ObserveOnBackward.apply(y_TD, counts_E, observers, stats)
+            y_TD = observe_on_backward(y_TD, counts_E, observers, stats)
         return MoEOutput(y=y_TD.view(x.shape), aux_loss=aux_loss, decision=decision, losses=losses)
 
 

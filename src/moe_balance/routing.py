@@ -181,6 +181,24 @@ def sort_assignments(
     return token_ids[keep], expert_ids[keep], weights[keep], kept_tokens, routed
 
 
+def biased_selection(scores_TE: torch.Tensor, bias_E: torch.Tensor | None = None, *,
+                     num_groups: int | None = None, topk_groups: int | None = None,
+                     multiplicative: bool = False) -> torch.Tensor:
+    """(T, E) the scores top-K selection ranks: scores + bias (scores * bias when
+    ``multiplicative``), then, with ``num_groups``/``topk_groups``, experts outside each token's
+    best groups at -inf (DeepSeek-V3 group-limited routing, ``group_limited_mask``).
+
+    The building block of Loss-Free selection: the gates are always gathered from the unbiased
+    scores. ``TopKRouter`` and the transformers integration both select with it.
+    """
+    selection_TE = scores_TE
+    if bias_E is not None:
+        selection_TE = scores_TE * bias_E if multiplicative else scores_TE + bias_E
+    if num_groups is not None:
+        selection_TE = group_limited_mask(selection_TE, num_groups, topk_groups)
+    return selection_TE
+
+
 class Router(nn.Module, abc.ABC):
     """Base router: the logits, scores, gates and assignments every method shares.
 
@@ -204,9 +222,7 @@ class Router(nn.Module, abc.ABC):
                   multiplicative: bool = False) -> torch.Tensor:
         """(T, E) scores the choice is made on: scores + bias (or scores * bias with
         ``multiplicative``)."""
-        if bias_E is None:
-            return scores_TE
-        return scores_TE * bias_E if multiplicative else scores_TE + bias_E
+        return biased_selection(scores_TE, bias_E, multiplicative=multiplicative)
 
     @abc.abstractmethod
     def select(self, selection_TE: torch.Tensor, scores_TE: torch.Tensor,
@@ -282,11 +298,8 @@ class TopKRouter(Router):
     def selection(self, scores_TE: torch.Tensor, bias_E: torch.Tensor | None = None,
                   multiplicative: bool = False) -> torch.Tensor:
         """scores (+ or *) bias, with experts outside the best groups at -inf (group-limited)."""
-        selection_TE = super().selection(scores_TE, bias_E, multiplicative)
-        cfg = self.config
-        if cfg.num_groups is not None:
-            selection_TE = group_limited_mask(selection_TE, cfg.num_groups, cfg.topk_groups)
-        return selection_TE
+        return biased_selection(scores_TE, bias_E, num_groups=self.config.num_groups,
+                                topk_groups=self.config.topk_groups, multiplicative=multiplicative)
 
     def select(self, selection_TE, scores_TE, token_mask_T=None):
         return _blank_padding(selection_TE.topk(self.top_k, dim=-1).indices, token_mask_T)
