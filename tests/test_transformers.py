@@ -208,3 +208,33 @@ def test_trainer_callback_updates_once_per_optimizer_step(tmp_path):
     assert all(int(r.balancer.num_updates) == 3 for r in loss_free_routers(model))
     step_logs = [s for s in seen if "loss" in s]
     assert len(step_logs) == 3 and all("maxvio_batch" in s and "maxvio_batch/layer_0" in s for s in step_logs)
+
+
+def test_finetune_command_balances_a_saved_checkpoint(tmp_path, capsys):
+    import json
+
+    from moe_balance.cli import main
+
+    config = transformers.AutoConfig.for_model("qwen3_moe", **{**CONFIGS["qwen3_moe"], "vocab_size": 300})
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"f{i}.txt").write_text(" ".join(f"word{(j * 7 + i) % 60}" for j in range(4000)))
+    common = ["finetune", str(tmp_path / "model"), "--data", str(corpus), "--steps", "30", "--seq-len", "32",
+              "--eval-tokens", "4096", "--cache-dir", str(tmp_path / "cache")]
+    assert main([*common, "--out", str(tmp_path / "balanced")]) == 0
+    printed = capsys.readouterr().out
+    assert main([*common, "--rule", "sign", "--update-rate", "0", "--out", str(tmp_path / "plain")]) == 0
+    balanced, plain = (json.loads((tmp_path / d / "finetune.json").read_text()) for d in ("balanced", "plain"))
+    assert balanced["before"] == plain["before"]  # the same model, windows and measurement
+    assert balanced["after"]["maxvio_global"] < 0.5 * plain["after"]["maxvio_global"]
+    assert f"{balanced['after']['maxvio_global']:.3f}" in printed and "MaxVio_global" in printed
+    # the saved checkpoint loads in plain transformers; moe_balance takes its biases back
+    again = enable_loss_free(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "balanced"),
+                             bias_from=str(tmp_path / "balanced"))
+    assert any(r.e_score_correction_bias.abs().sum() > 0 for r in loss_free_routers(again))
+    # a non-empty --out is refused
+    with pytest.raises(SystemExit):
+        main([*common, "--out", str(tmp_path / "balanced")])

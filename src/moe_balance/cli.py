@@ -1,4 +1,4 @@
-"""Command-line interface: ``moe-balance {demo,train,compare,sweep,bench,methods,params,plan-placement}``.
+"""Command-line interface: ``moe-balance {demo,train,compare,sweep,bench,finetune,methods,params,plan-placement}``.
 
 Every ``TrainConfig`` field is a typed flag (``--steps 500``, ``--lr 2e-3``, ``--data mixed``)
 that overrides the chosen ``--preset``; unknown or mistyped values fail with the field's name.
@@ -140,6 +140,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("auto", "exact", "greedy"), default="auto")
     p.add_argument("--time-limit", type=float, default=10.0, help="seconds for the exact solver per layer")
 
+    p = sub.add_parser("finetune", help="fine-tune a local transformers MoE checkpoint with Loss-Free balancing "
+                                        "and report MaxVio before and after")
+    p.add_argument("model_dir", help="a save_pretrained directory (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3)")
+    p.add_argument("--out", help="write the fine-tuned checkpoint (with its biases) and finetune.json here")
+    p.add_argument("--overwrite", action="store_true", help="replace what is in --out (default: refuse)")
+    p.add_argument("--data", default=None, help="corpus spec, as for train (default: the Python stdlib source)")
+    p.add_argument("--steps", type=_positive_int, default=100)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--seq-len", type=_positive_int, default=128)
+    p.add_argument("--lr", type=_positive_float, default=1e-4)
+    p.add_argument("--rule", choices=("sign", "error", "adaptive"), default="adaptive",
+                   help="the bias update rule (default: adaptive; sign is the paper's)")
+    p.add_argument("--update-rate", type=float, default=1e-3,
+                   help="u for the sign and error rules (0: the bias never moves, a baseline)")
+    p.add_argument("--eval-tokens", type=_positive_int, default=32768)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=".cache/moe_balance")
+
     sub.add_parser("methods", help="list the registered balancing methods")
     p = sub.add_parser("params", help="parameter counts of a model preset (built on the meta device)")
     p.add_argument("--preset", default="paper-1b", choices=sorted(TRAIN_PRESETS))
@@ -215,6 +233,13 @@ def _run(args, command_line: str, parallel) -> int:
         _print_placement(args.metrics, args.devices, args.method, args.time_limit)
     elif args.command == "params":
         _print_params(args.preset)
+    elif args.command == "finetune":
+        from .finetune import FinetuneConfig, finetune, format_finetune
+
+        cfg = FinetuneConfig(data=args.data, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                             lr=args.lr, update_rate=args.update_rate, rule=args.rule, eval_tokens=args.eval_tokens,
+                             seed=args.seed, cache_dir=args.cache_dir)
+        print(format_finetune(finetune(args.model_dir, cfg, args.out, overwrite=args.overwrite)))
     elif args.command == "train":
         result = train(_config_from_args(args), args.out, resume=args.resume, overwrite=args.overwrite,
                        progress=main, parallel=parallel)

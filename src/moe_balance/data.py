@@ -377,6 +377,7 @@ def prepare_corpus(
     seed: int = 0,
     max_train_tokens: int | None = None,
     progress: bool = True,
+    tokenizer_file: Path | None = None,
 ) -> TokenizedCorpus:
     """Load, split, tokenize and cache the corpus for `spec` (see `load_documents`).
 
@@ -384,6 +385,8 @@ def prepare_corpus(
     the key hashes the documents' names, domains and contents and the other arguments; a second
     call only re-reads the documents to compute the key. `max_train_tokens` keeps that many
     train tokens, taken from a fixed pseudo-random order of the train documents.
+    tokenizer_file: a model's own ``tokenizer.json`` to tokenize with instead of training one
+    (``vocab_size`` is then ignored); documents are separated by its EOT token when it has one.
     """
     if max_train_tokens is not None and max_train_tokens < 1:
         raise ValueError(f"max_train_tokens must be None or >= 1, got {max_train_tokens}")
@@ -399,8 +402,12 @@ def prepare_corpus(
     )
     params = {"format": _FORMAT, "vocab_size": vocab_size, "val_fraction": val_fraction,
               "seed": seed, "max_train_tokens": max_train_tokens}
+    if tokenizer_file is not None:
+        params["tokenizer"] = hashlib.sha256(Path(tokenizer_file).read_bytes()).hexdigest()
     out = cache_dir / _short_hash(json.dumps(params, sort_keys=True), _docs_digest(docs))
-    if not (out / "meta.json").is_file():
+    if not (out / "meta.json").is_file() and tokenizer_file is not None:
+        _build_corpus(out, _load_tokenizer(Path(tokenizer_file)), train_docs, val_docs, max_train_tokens, progress)
+    elif not (out / "meta.json").is_file():
         tokenizer_key = _short_hash(
             json.dumps([_FORMAT, vocab_size, TOKENIZER_TRAIN_CHARS]), _docs_digest(train_docs))
         tokenizer = train_tokenizer(
@@ -437,13 +444,14 @@ def _encode_docs(tokenizer: Tokenizer, docs: list[Document], *, max_tokens: int 
     past the cut are left out, so n_docs <= len(docs).
     """
     eot = tokenizer.token_to_id(EOT)
+    separator = [] if eot is None else [eot]  # a model's own tokenizer may have no EOT token
     pieces, total = [], 0
     tqdm = require("tqdm", "progress bars").tqdm
     with tqdm(total=len(docs), desc=desc, unit="doc", disable=not progress) as bar:
         for i in range(0, len(docs), _ENCODE_CHUNK):
             chunk = docs[i:i + _ENCODE_CHUNK]
             for enc in tokenizer.encode_batch([d.text for d in chunk], add_special_tokens=False):
-                pieces.append(np.array(enc.ids + [eot], dtype=np.int64))
+                pieces.append(np.array(enc.ids + separator, dtype=np.int64))
                 total += len(pieces[-1])
             bar.update(len(chunk))
             if max_tokens is not None and total >= max_tokens:
