@@ -238,3 +238,47 @@ def test_finetune_command_balances_a_saved_checkpoint(tmp_path, capsys):
     # a non-empty --out is refused
     with pytest.raises(SystemExit):
         main([*common, "--out", str(tmp_path / "balanced")])
+
+
+def _dp_worker(rank, world, port, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = enable_loss_free(tiny("olmoe"), update_rate=1e-2, process_group=dist.group.WORLD)
+        model.train()
+        x = skewed(rank)  # each rank its own tokens
+        model(x, labels=x).loss.backward()
+        update_balancers(model)
+        results[rank] = [r.e_score_correction_bias.clone() for r in loss_free_routers(model)]
+        del model
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_ranks_share_one_bias_from_the_global_counts():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_dp_worker, args=(2, port, results), nprocs=2, join=True)
+    # one process seeing both ranks' tokens before one update
+    model = enable_loss_free(tiny("olmoe"), update_rate=1e-2)
+    model.train()
+    for rank in range(2):
+        x = skewed(rank)
+        model(x, labels=x).loss.backward()
+    local = enable_loss_free(tiny("olmoe"), update_rate=1e-2)
+    local.train()
+    local(skewed(0), labels=skewed(0)).loss.backward()
+    update_balancers(model)
+    update_balancers(local)
+    for i, r in enumerate(loss_free_routers(model)):
+        assert torch.equal(results[0][i], r.e_score_correction_bias)
+        assert torch.equal(results[1][i], r.e_score_correction_bias)
+    assert any(not torch.equal(results[0][i], r.e_score_correction_bias)
+               for i, r in enumerate(loss_free_routers(local))), "global and local counts should differ here"
