@@ -52,6 +52,20 @@ def spawn(fn, world, *args):
     return dict(results)
 
 
+def rank0_outcome(fn, seconds, *args):
+    """Spawn 2 ranks of fn(rank, world, port, results, *args) in which rank 1 goes missing;
+    wait up to ``seconds`` for rank 0 to record what it saw, then kill both."""
+    results = mp.Manager().dict()
+    context = mp.spawn(fn, args=(2, free_port(), results, *args), nprocs=2, join=False)
+    deadline = time.monotonic() + seconds
+    while 0 not in results and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in context.processes:
+        p.kill()
+    assert 0 in results, "rank 0 hung instead of failing"
+    return dict(results)
+
+
 def ep_worker(rank, world, port, results, ep, micro_batches, config):
     init(rank, world, port)
     try:
@@ -262,14 +276,7 @@ def dying_worker(rank, world, port, results, how):
 
 @pytest.mark.parametrize("how", ["dies", "hangs"])
 def test_a_lost_rank_fails_the_others_within_the_timeout(how):
-    results = mp.Manager().dict()
-    context = mp.spawn(dying_worker, args=(2, free_port(), results, how), nprocs=2, join=False)
-    deadline = time.monotonic() + 60
-    while 0 not in results and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for p in context.processes:
-        p.kill()
-    assert 0 in results, "rank 0 hung instead of failing"
+    results = rank0_outcome(dying_worker, 60, how)
     assert results[0]["error"] is not None
     assert ("by peer" if how == "dies" else "Timed out") in results[0]["error"]  # closed or reset by peer
     assert results[0]["seconds"] < 30
@@ -325,15 +332,7 @@ def test_the_harness_names_the_lost_rank_instead_of_hanging(tmp_path):
     data.mkdir()
     for i in range(6):
         (data / f"f{i}.txt").write_text(" ".join(f"word{j % 50}" for j in range(i, 3000 + i)))
-    results = mp.Manager().dict()
-    context = mp.spawn(training_worker, args=(2, free_port(), results, str(data), str(tmp_path / "cache"),
-                                              str(tmp_path / "run")), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while 0 not in results and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for p in context.processes:
-        p.kill()
-    assert 0 in results, "rank 0 hung instead of failing"
+    results = rank0_outcome(training_worker, 120, str(data), str(tmp_path / "cache"), str(tmp_path / "run"))
     assert results[0]["type"] == "DistributedFailure"
     message = results[0]["message"]
     assert "step 4 failed on rank 0" in message
