@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test bench venv clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The speed table: shapes A, B, Bs in fp32 and bf16 against the dense reference and the peers
+bench: $(STAMP)
+	$(BIN)/moe-balance bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

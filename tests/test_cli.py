@@ -90,7 +90,7 @@ def test_ordinary_mistakes_give_one_line_not_a_traceback(tmp_path, capsys):
     assert "Traceback" not in err
 
     with pytest.raises(SystemExit) as info:
-        main(["bench", "--repeats", "0"])
+        main(["bench", "--rounds", "0"])
     assert info.value.code == 2 and "must be an integer >= 1, got 0" in capsys.readouterr().err
 
 

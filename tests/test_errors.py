@@ -230,7 +230,7 @@ CASES = {
     "cli-out-file": _out_is_file,
     "cli-seeds": lambda ctx: cli_error(["compare", "--out", "x", "--seeds", "0,0"], ctx["capsys"])
     + cli_error(["compare", "--out", "x", "--seeds", "a"], ctx["capsys"]),
-    "cli-bench-repeats": lambda ctx: cli_error(["bench", "--repeats", "0"], ctx["capsys"]),
+    "cli-bench-rounds": lambda ctx: cli_error(["bench", "--rounds", "0"], ctx["capsys"]),
     "cli-missing-extra": _missing_extra,
     "data-missing": lambda ctx: error_of(lambda: load_documents("no/such/dir", cache_dir=ctx["tmp"])),
     "data-empty-dir": lambda ctx: error_of(lambda: load_documents(_data_dir(ctx, {}), cache_dir=ctx["tmp"])),

@@ -125,16 +125,49 @@ def test_unpermute_accumulates_in_float32():
     assert torch.equal(y_bf16, y_fp32.bfloat16())  # one rounding at the end, not one per add
 
 
-def test_bench_reports_every_path_relative_to_the_loop():
-    from moe_balance.bench import bench_experts, format_bench
+def test_bench_rows_are_ratios_to_the_dense_reference_of_the_same_run():
+    from moe_balance.bench import auto_choice, bench, parse_shape
 
-    results = bench_experts(d_model=16, num_experts=4, top_k=2, expert_hidden_size=8, tokens=64, repeats=1)
-    assert [r.impl for r in results] == ["loop"] + FAST_IMPLS
-    assert results[0].speedup_vs_loop == 1.0
-    for r in results:
-        assert r.ms_per_call > 0
-        assert r.speedup_vs_loop == pytest.approx(results[0].ms_per_call / r.ms_per_call)
-    assert "| loop |" in format_bench(results)
+    shape = parse_shape("16,8,4,2,1")  # d 16, hidden 8, 4 experts, top-2, 1 shared
+    assert shape.active_rows == 3
+    rows = bench([shape], ["float32", "bfloat16"], tokens=64, rounds=1, peers=True)
+    for dtype in ("float32", "bfloat16"):
+        mine = [r for r in rows if r.dtype == dtype]
+        names = [r.implementation for r in mine]
+        assert names[0] == "dense (same active FLOPs)" and mine[0].ratio_to_dense == 1.0
+        assert {"moe_balance auto", "moe_balance bmm", "moe_balance loop"} <= set(names)
+        assert "transformers deepseek_v3 grouped_mm" in names  # the one peer family with a shared expert
+        dense_ms = mine[0].median_ms
+        for r in mine:  # one round: the median ratio is that round's ratio
+            assert r.median_ms > 0 and r.ratio_to_dense == pytest.approx(r.median_ms / dense_ms, rel=1e-6)
+            assert r.saved_ratio_to_dense == pytest.approx(r.saved_mib / mine[0].saved_mib)
+        defaults = {r.implementation for r in mine if r.is_default}
+        assert defaults == {"moe_balance auto", f"moe_balance {auto_choice(shape, getattr(torch, dtype))}"}
+
+
+def test_bench_counts_the_bytes_saved_for_backward_once_per_storage():
+    from moe_balance.bench import _saved_bytes
+
+    x = torch.randn(100, 10)
+    assert _saved_bytes(lambda t: t.exp(), x) == 100 * 10 * 4  # exp saves its result
+    assert _saved_bytes(lambda t: t * t, x) == 100 * 10 * 4  # both operands are one storage
+
+
+def test_bench_shapes_and_json(capsys):
+    import json
+
+    from moe_balance.bench import SHAPES, parse_shape
+    from moe_balance.cli import main
+
+    assert parse_shape("Bs") == SHAPES["Bs"] and SHAPES["Bs"].shared == 1
+    for bad in ("C", "1,2,3", "16,8,4,5", "a,b,c,d"):
+        with pytest.raises(ValueError, match="is not allowed"):
+            parse_shape(bad)
+    assert main(["bench", "--shape", "16,8,4,2", "--dtypes", "float32", "--tokens", "32", "--rounds", "1",
+                 "--no-peers", "--no-extras", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {"implementation", "shape", "dtype", "median_ms", "ratio_to_dense", "is_default"} <= set(rows[0])
+    assert [r["implementation"] for r in rows][:2] == ["dense (same active FLOPs)", "moe_balance auto"]
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])

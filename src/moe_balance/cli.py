@@ -127,11 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_flags(p, skip=("method", "seed"))
         _add_parallel_flags(p)
 
-    p = sub.add_parser("bench", help="time the expert paths (loop, bmm, grouped_mm) in one run")
+    p = sub.add_parser("bench", help="the MoE layer against a dense layer of the same active FLOPs and against "
+                                     "transformers' MoE blocks, fp32 and bf16, in one process")
+    p.add_argument("--shape", action="append", dest="shapes", metavar="SHAPE",
+                   help="A, B, Bs or d_model,expert_hidden,num_experts,top_k[,shared]; repeatable (default: A, B, Bs)")
+    p.add_argument("--dtypes", type=_csv, default=["float32", "bfloat16"], help="default: float32,bfloat16")
     p.add_argument("--tokens", type=_positive_int, default=4096)
-    p.add_argument("--num-experts", type=_positive_int, default=64)
-    p.add_argument("--top-k", type=_positive_int, default=6)
-    p.add_argument("--repeats", type=_positive_int, default=5)
+    p.add_argument("--rounds", type=_positive_int, default=5, help="interleaved timed rounds (after a warm-up)")
+    p.add_argument("--no-peers", action="store_true", help="leave out transformers' MoE blocks")
+    p.add_argument("--no-extras", action="store_true", help="leave out the router overhead and the training step")
+    p.add_argument("--json", action="store_true", help="print a JSON list of rows instead of the table")
 
     p = sub.add_parser("plan-placement", help="place experts on devices minimising the busiest device's load, "
                                              "from a run's logged per-expert loads")
@@ -225,10 +230,7 @@ def _run(args, command_line: str, parallel) -> int:
             if m.reference:
                 print(f"{'':<24} reference: {m.reference}")
     elif args.command == "bench":
-        from .bench import bench_experts, format_bench
-
-        print(format_bench(bench_experts(tokens=args.tokens, num_experts=args.num_experts,
-                                         top_k=args.top_k, repeats=args.repeats)))
+        _bench(args)
     elif args.command == "plan-placement":
         _print_placement(args.metrics, args.devices, args.method, args.time_limit)
     elif args.command == "params":
@@ -259,6 +261,42 @@ def _run(args, command_line: str, parallel) -> int:
         if main:
             print(f"report: {Path(args.out) / 'report.md'}")
     return 0
+
+
+def _bench(args) -> None:
+    import json
+
+    from . import bench
+
+    shapes = [bench.parse_shape(s) for s in (args.shapes or ["A", "B", "Bs"])]
+    note = (lambda line: print(line, file=sys.stderr)) if not args.json else None
+    rows = bench.bench(shapes, args.dtypes, tokens=args.tokens, rounds=args.rounds, peers=not args.no_peers,
+                       progress=note)
+    extras = []  # the router's share of the layer and the training step, as rows of the same keys
+    if not args.no_extras:
+        for s in shapes:
+            fraction = bench.router_overhead(s, tokens=args.tokens, rounds=args.rounds)
+            extras.append({"implementation": "router + Loss-Free balancing", "shape": s.name, "dtype": "float32",
+                           "median_ms": None, "ratio_to_dense": None, "fraction_of_layer": fraction,
+                           "is_default": False})
+        step = bench.harness_step("quick", rounds=args.rounds)
+        extras.append({"implementation": "training step: MoE model vs dense, equal active parameters",
+                       "shape": "quick preset", "dtype": "float32", "median_ms": step["moe_ms"],
+                       "ratio_to_dense": step["moe_step_over_dense"], "is_default": False,
+                       "tokens_per_second": step["moe_tokens_per_second"],
+                       "dense_tokens_per_second": step["dense_tokens_per_second"]})
+    if args.json:
+        print(json.dumps(bench.rows_as_json(rows) + extras, indent=1))
+        return
+    print(bench.format_rows(rows))
+    for row in extras:
+        if row["ratio_to_dense"] is None:
+            print(f"router + Loss-Free balancing, shape {row['shape']} float32: "
+                  f"{100 * row['fraction_of_layer']:.1f}% of the layer's forward+backward")
+        else:
+            print(f"training step, quick preset, float32: MoE {row['tokens_per_second']:.0f} tokens/s, dense with "
+                  f"equal active parameters {row['dense_tokens_per_second']:.0f} tokens/s "
+                  f"(MoE step = {row['ratio_to_dense']:.2f}x dense)")
 
 
 def _sweep_methods(which: str) -> list[str]:
