@@ -150,7 +150,23 @@ def test_bench_counts_the_bytes_saved_for_backward_once_per_storage():
 
     x = torch.randn(100, 10)
     assert _saved_bytes(lambda t: t.exp(), x) == 100 * 10 * 4  # exp saves its result
-    assert _saved_bytes(lambda t: t * t, x) == 100 * 10 * 4  # both operands are one storage
+    assert _saved_bytes(lambda t: (lambda u: u * u)(t + 1), x) == 100 * 10 * 4  # one storage, saved twice
+    assert _saved_bytes(lambda t: t * t, x) == 0  # the input itself exists anyway: not counted
+
+
+def test_the_combine_saves_the_outputs_gates_and_ids_only():
+    """One (A, D) tensor: (y * w).index_add would also keep the product for its backward."""
+    from moe_balance.bench import _saved_bytes
+    from moe_balance.dispatch import _WeightedCombine
+
+    A, D, T = 12, 8, 5
+    ids = torch.randint(0, T, (A,), generator=torch.Generator().manual_seed(0))
+    w = torch.rand(A)
+    y = torch.randn(A, D)
+    assert _saved_bytes(lambda t: _WeightedCombine.apply(t * 1, w, ids, T), y) == A * D * 4 + A * 4 + A * 8
+    y64, w64 = torch.randn(A, D, dtype=torch.float64, requires_grad=True), torch.rand(A, dtype=torch.float64,
+                                                                                         requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _WeightedCombine.apply(a, b, ids, T), (y64, w64))
 
 
 def test_bench_shapes_and_json(capsys):

@@ -9,8 +9,9 @@ T x (K + S) rows through one expert-sized SwiGLU. Each round gives each implemen
 ratio to that round's dense time; the table reports medians. Speed is measured here, never
 asserted in a unit test (the tests check the report's arithmetic and every path's values).
 
-Memory is the bytes autograd saves for the backward pass (``saved_tensors_hooks``, each storage
-counted once): deterministic, and the part of the peak that grows with T.
+Memory is the activation bytes autograd saves for the backward pass (``saved_tensors_hooks``,
+each storage counted once; parameters and the input, which exist anyway, left out):
+deterministic, and the part of the peak that grows with T.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def _saved_bytes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) ->
     seen: dict[tuple, int] = {}
 
     def pack(t: torch.Tensor):
-        if t.device.type != "meta":
+        if not (t.is_leaf and t.requires_grad):  # parameters and the input exist anyway
             storage = t.untyped_storage()
             seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
         return t

@@ -24,6 +24,33 @@ def unpermute(y_AD: torch.Tensor, decision: RoutingDecision, num_tokens: int) ->
     The weighted sum is accumulated in float32 (bf16 accumulation over top-K outputs loses
     precision) and cast back to the input dtype.
     """
-    weighted_AD = y_AD.float() * decision.weights.unsqueeze(-1)
-    out_TD = torch.zeros(num_tokens, y_AD.shape[-1], dtype=torch.float32, device=y_AD.device)
-    return out_TD.index_add(0, decision.token_ids, weighted_AD).to(y_AD.dtype)
+    return _WeightedCombine.apply(y_AD, decision.weights, decision.token_ids, num_tokens)
+
+
+class _WeightedCombine(torch.autograd.Function):
+    """out[t] = sum over assignments a of token t of w_a * y_a, in float32, cast to y's dtype.
+
+    One function instead of (y.float() * w).index_add(...): autograd would save both y and the
+    (A, D) product (index_add's backward keeps its source for its shape); this saves y, w and
+    the token ids only, one (A, D) tensor fewer.
+    """
+
+    @staticmethod
+    def forward(ctx, y_AD, weights_A, token_ids_A, num_tokens):
+        ctx.save_for_backward(y_AD, weights_A, token_ids_A)
+        acc = torch.promote_types(y_AD.dtype, torch.float32)  # float32 (float64 stays float64)
+        weighted_AD = y_AD.to(acc) * weights_A.unsqueeze(-1).to(acc)
+        out_TD = torch.zeros(num_tokens, y_AD.shape[-1], dtype=acc, device=y_AD.device)
+        return out_TD.index_add_(0, token_ids_A, weighted_AD).to(y_AD.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        y_AD, weights_A, token_ids_A = ctx.saved_tensors
+        acc = torch.promote_types(y_AD.dtype, torch.float32)
+        grad_AD = grad_TD.to(acc).index_select(0, token_ids_A)
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_y = (grad_AD * weights_A.unsqueeze(-1).to(acc)).to(y_AD.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_AD * y_AD.to(acc)).sum(-1).to(weights_A.dtype)
+        return grad_y, grad_w, None, None
