@@ -5,7 +5,7 @@ import torch
 
 from moe_balance import MoE, MoEConfig, RouterConfig
 from moe_balance.dispatch import permute, unpermute
-from moe_balance.experts import SwiGLU, grouped_mm_supported
+from moe_balance.experts import SwiGLU, SwiGLUExperts, grouped_mm_supported
 from moe_balance.routing import TopKRouter
 
 FAST_IMPLS = ["bmm"] + (["grouped_mm"] if grouped_mm_supported("cpu", torch.float32) else [])
@@ -189,9 +189,10 @@ def test_bench_shapes_and_json(capsys):
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 def test_grouped_mm_probe_does_not_depend_on_grad_mode(mode):
     """A first probe under no_grad (evaluation before training) must not cache False."""
-    from moe_balance.experts import grouped_mm_supported
+    from moe_balance.experts import _GROUPED_MM_SUPPORT, grouped_mm_supported
 
-    grouped_mm_supported.cache_clear()
+    saved = dict(_GROUPED_MM_SUPPORT)
+    _GROUPED_MM_SUPPORT.clear()
     try:
         context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
         with context:
@@ -199,4 +200,25 @@ def test_grouped_mm_probe_does_not_depend_on_grad_mode(mode):
         assert inside is True  # torch 2.13 runs _grouped_mm forward and backward on CPU
         assert grouped_mm_supported("cpu", torch.float32) is True
     finally:
-        grouped_mm_supported.cache_clear()
+        _GROUPED_MM_SUPPORT.clear()
+        _GROUPED_MM_SUPPORT.update(saved)
+
+
+def test_building_a_layer_leaves_the_global_rng_alone_whatever_the_probe_cache():
+    """The grouped_mm probe runs while experts are built: it must not draw random numbers, or
+    the same seed would give different weights in a fresh process and in a warm one."""
+    from moe_balance.experts import _GROUPED_MM_SUPPORT
+
+    saved = dict(_GROUPED_MM_SUPPORT)
+    try:
+        states = []
+        for cold in (True, False):
+            if cold:
+                _GROUPED_MM_SUPPORT.clear()
+            torch.manual_seed(0)
+            SwiGLUExperts(4, 8, 8)
+            states.append(torch.get_rng_state())
+        assert torch.equal(states[0], states[1])
+    finally:
+        _GROUPED_MM_SUPPORT.clear()
+        _GROUPED_MM_SUPPORT.update(saved)

@@ -98,13 +98,15 @@ def margin_histograms(margins_TE: torch.Tensor, selected_TE: torch.Tensor,
     """
     T, E = margins_TE.shape
     B = edges_B.numel()
-    log_first, log_last = float(edges_B[0].log()), float(edges_B[-1].log())
-    log_ratio = (log_last - log_first) / max(B - 1, 1)
+    # float64 then float32 tensors, as Python floats would be: no host sync (torch.compile)
+    log_edges = edges_B.double().log()
+    log_first, log_ratio = log_edges[0], (log_edges[-1] - log_edges[0]) / max(B - 1, 1)
     logs_TE = margins_TE.float().clamp_min(1e-30).log()
-    bins_TE = ((logs_TE - log_first) / log_ratio).ceil_().clamp_(0, B).to(torch.int32)  # B = beyond
+    bins_TE = ((logs_TE - log_first.float()) / log_ratio.float()).ceil_().clamp_(0, B).to(torch.int32)  # B = beyond
     experts_E = torch.arange(E, device=margins_TE.device, dtype=torch.int32)
-    flat = (selected_TE.to(torch.int32) * E + experts_E) * (B + 1) + bins_TE
-    hist = torch.bincount(flat.reshape(-1), minlength=2 * E * (B + 1))
+    flat = ((selected_TE.to(torch.int32) * E + experts_E) * (B + 1) + bins_TE).reshape(-1).long()
+    hist = torch.zeros(2 * E * (B + 1), dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))  # a bincount of fixed length
     return hist.view(2, E, B + 1)[..., :B]
 
 

@@ -13,7 +13,6 @@ dtype support it. Tests check the fast paths against ``loop``, gradients include
 from __future__ import annotations
 
 import abc
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -61,21 +60,34 @@ def _swiglu(x, w_gate, w_up, w_down):
     return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
 
 
-@functools.cache
+_GROUPED_MM_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
+
+
 def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``torch._grouped_mm`` runs (forward and backward) for this device and dtype.
 
     The answer is cached for the process, so the probe must not depend on the caller's grad
     mode: a first call under ``torch.no_grad()`` or ``inference_mode`` (an evaluation before
     any training) would otherwise cache False and send every later training step down the
-    slower ``bmm`` path.
+    slower ``bmm`` path. Under ``torch.compile`` the cached answer is a constant (the experts
+    probe their device's dtypes when built or moved, ``_RoutedExperts.probe``); a probe
+    inside a compiled region could not be traced.
     """
+    key = (device_type, dtype)
+    if key not in _GROUPED_MM_SUPPORT:
+        _GROUPED_MM_SUPPORT[key] = _probe_grouped_mm(device_type, dtype)
+    return _GROUPED_MM_SUPPORT[key]
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            x = torch.randn(6, 16, device=device_type, dtype=dtype, requires_grad=True)
-            w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+            # constants, not randn: the probe runs while layers are built and must not move
+            # the global RNG (the weights built after it would depend on the probe cache)
+            x = torch.ones(6, 16, device=device_type, dtype=dtype, requires_grad=True)
+            w = torch.ones(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
             offs = torch.tensor([2, 6], device=device_type, dtype=torch.int32)
             _grouped(x, w, offs).sum().backward()
         return True
@@ -91,6 +103,19 @@ class _RoutedExperts(nn.Module, abc.ABC):
     of w_down, so it adds nothing and receives zero gradient."""
 
     impl: str
+
+    def probe(self) -> None:
+        """Answer ``grouped_mm_supported`` now, for the weights' device and dtype and the
+        autocast dtypes, so a compiled forward finds the answer cached."""
+        for p in self.parameters():
+            for dtype in {p.dtype, torch.bfloat16, torch.float16}:
+                grouped_mm_supported(p.device.type, dtype)
+            break
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.probe()  # moved to another device or dtype
+        return self
 
     @abc.abstractmethod
     def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,6 +136,11 @@ class _RoutedExperts(nn.Module, abc.ABC):
             # _grouped_mm wants 16-byte aligned rows (D and H multiples of 8 in bf16).
             aligned = all(n * x_AD.element_size() % 16 == 0 for n in w_up.shape[1:])
             usable = aligned and grouped_mm_supported(x_AD.device.type, x_AD.dtype)
+            # NOTE: torch 2.13's fake-tensor rule for _grouped_mm (what torch.compile traces
+            # with) accepts bf16 only, though the CPU kernel runs float32: compiled float32
+            # takes bmm, whose padded size is the one data-dependent step (a graph break)
+            if torch.compiler.is_compiling() and x_AD.dtype != torch.bfloat16:
+                usable = False
             impl = "grouped_mm" if usable else "bmm"
         if impl == "bmm":
             return _bmm_swiglu(x_AD, tokens_per_expert, w_gate, w_up, w_down)
@@ -152,6 +182,7 @@ class SwiGLUExperts(_RoutedExperts):
         self.w_gate = nn.Parameter(torch.randn(num_experts, d_model, hidden_size) * init_std)
         self.w_up = nn.Parameter(torch.randn(num_experts, d_model, hidden_size) * init_std)
         self.w_down = nn.Parameter(torch.randn(num_experts, hidden_size, d_model) * init_std)
+        self.probe()
 
     @property
     def num_experts(self) -> int:
@@ -181,6 +212,7 @@ class HeterogeneousSwiGLUExperts(_RoutedExperts):
         self.w_gate = nn.ParameterList(nn.Parameter(torch.randn(d_model, h) * init_std) for h in self.hidden_sizes)
         self.w_up = nn.ParameterList(nn.Parameter(torch.randn(d_model, h) * init_std) for h in self.hidden_sizes)
         self.w_down = nn.ParameterList(nn.Parameter(torch.randn(h, d_model) * init_std) for h in self.hidden_sizes)
+        self.probe()
 
     @property
     def num_experts(self) -> int:

@@ -67,6 +67,7 @@ class _ObserveOnBackward(torch.autograd.Function):
         return grad_y, None, None, None
 
 
+@torch.compiler.disable  # its backward updates the balancers' buffers: eager, one graph break
 def observe_on_backward(y: torch.Tensor, counts_E: torch.Tensor, balancers, stats=None,
                         anchor: torch.Tensor | None = None) -> torch.Tensor:
     """y, unchanged, with a backward that reports ``counts_E`` (and each balancer's ``stats``)

@@ -146,6 +146,7 @@ def sort_assignments(
     token_mask_T: torch.Tensor | None = None,
     capacity_per_expert: int | None = None,
     priority_TK: torch.Tensor | None = None,
+    all_filled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flatten (T, K) choices (-1 = empty slot) into assignments sorted by expert, dropping
     over capacity.
@@ -155,23 +156,33 @@ def sort_assignments(
     ``capacity_per_expert`` assignments in that order.
     Returns token_ids (A,), expert_ids (A,), weights (A,), tokens_per_expert (E,),
     routed_tokens_per_expert (E,).
+
+    all_filled: every slot holds an expert and every token is real (top-K and grouped routing
+    without padding), so nothing is filtered: no data-dependent shape, which lets
+    ``torch.compile`` trace the dropless path in one graph.
     """
     T, K = selected_TK.shape
     token_ids = torch.arange(T, device=selected_TK.device).repeat_interleave(K)
     expert_ids = selected_TK.reshape(-1)
-    keep = expert_ids >= 0  # empty slots (-1) of ragged routers and padding tokens
-    if token_mask_T is not None:
-        keep = keep & token_mask_T.repeat_interleave(K)
-    token_ids, expert_ids, weights = token_ids[keep], expert_ids[keep], weights_TK.reshape(-1)[keep]
+    weights = weights_TK.reshape(-1)
     if priority_TK is not None:
-        priority_TK = priority_TK.reshape(-1)[keep]
+        priority_TK = priority_TK.reshape(-1)
+    if not all_filled:
+        keep = expert_ids >= 0  # empty slots (-1) of ragged routers and padding tokens
+        if token_mask_T is not None:
+            keep = keep & token_mask_T.repeat_interleave(K)
+        token_ids, expert_ids, weights = token_ids[keep], expert_ids[keep], weights[keep]
+        if priority_TK is not None:
+            priority_TK = priority_TK[keep]
     if priority_TK is not None:
         # Two stable sorts: by priority, then by expert, so each expert sees its best first.
         order = torch.sort(priority_TK, descending=True, stable=True).indices
         token_ids, expert_ids, weights = token_ids[order], expert_ids[order], weights[order]
     order = torch.sort(expert_ids, stable=True).indices
     token_ids, expert_ids, weights = token_ids[order], expert_ids[order], weights[order]
-    routed = torch.bincount(expert_ids, minlength=num_experts)
+    # (not bincount: its output length depends on the data, which torch.compile cannot trace)
+    routed = torch.zeros(num_experts, dtype=torch.int64, device=expert_ids.device).scatter_add_(
+        0, expert_ids, torch.ones_like(expert_ids))
     if capacity_per_expert is None:
         return token_ids, expert_ids, weights, routed, routed
     starts = torch.cumsum(routed, 0) - routed
@@ -209,6 +220,7 @@ class Router(nn.Module, abc.ABC):
 
     competition_groups = 1
     uses_capacity = True  # RouterConfig.capacity_factor caps each expert's assignments
+    fills_every_slot = False  # every real token has an expert in each of its K slots
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, config: RouterConfig):
         super().__init__()
@@ -255,10 +267,8 @@ class Router(nn.Module, abc.ABC):
                     raise ValueError(f"prev_logits shape {tuple(prev_logits_TE.shape)} must equal this "
                                      f"layer's logits shape {tuple(logits_TE.shape)} (same tokens, same experts)")
                 logits_TE = logits_TE + F.linear(prev_logits_TE.float(), self.residual_weight.float())
-        if cfg.check_finite and not torch.isfinite(logits_TE).all():
-            raise FloatingPointError(
-                "router logits contain NaN or inf (check the input activations and the router "
-                "weight); pass RouterConfig(check_finite=False) to skip this check")
+        if cfg.check_finite:
+            _check_finite(logits_TE)
         scores_TE = compute_scores(logits_TE, cfg.score_fn)
         selection_TE = self.selection(scores_TE, bias_E, multiplicative)
         selected_TK = self.select(selection_TE, scores_TE, token_mask_T)
@@ -275,11 +285,26 @@ class Router(nn.Module, abc.ABC):
         by_probs = capacity_per_expert is not None and cfg.drop_policy == "probs"
         token_ids, expert_ids, weights, kept, routed = sort_assignments(
             selected_TK, weights_TK, self.num_experts, capacity_per_expert=capacity_per_expert,
-            priority_TK=weights_TK.detach() if by_probs else None)
+            priority_TK=weights_TK.detach() if by_probs else None,
+            all_filled=self.fills_every_slot and token_mask_T is None)
         return RoutingDecision(
             token_ids=token_ids, expert_ids=expert_ids, weights=weights,
             tokens_per_expert=kept, routed_tokens_per_expert=routed,
             logits=logits_TE, scores=scores_TE, selected=selected_TK, token_mask=token_mask_T)
+
+
+_NONFINITE = ("router logits contain NaN or inf (check the input activations and the router weight); "
+              "pass RouterConfig(check_finite=False) to skip this check")
+
+
+def _check_finite(logits_TE: torch.Tensor) -> None:
+    """FloatingPointError on NaN or inf logits. Under torch.compile an asynchronous device
+    assertion instead (a RuntimeError carrying the same words), so the check costs no host
+    synchronisation and no graph break."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(torch.isfinite(logits_TE).all(), _NONFINITE)
+    elif not torch.isfinite(logits_TE).all():
+        raise FloatingPointError(_NONFINITE)
 
 
 def _blank_padding(selected_TK: torch.Tensor, token_mask_T: torch.Tensor | None) -> torch.Tensor:
@@ -294,6 +319,8 @@ class TopKRouter(Router):
     ``num_groups``/``topk_groups``, experts outside each token's best groups are ineligible
     (DeepSeek-V3 group-limited routing).
     """
+
+    fills_every_slot = True
 
     def selection(self, scores_TE: torch.Tensor, bias_E: torch.Tensor | None = None,
                   multiplicative: bool = False) -> torch.Tensor:
@@ -313,6 +340,8 @@ class GroupedRouter(Router):
     each group receives exactly T * K / M assignments: group loads are equal by construction,
     and only balance inside a group is left to the balancers.
     """
+
+    fills_every_slot = True
 
     @property
     def competition_groups(self) -> int:
