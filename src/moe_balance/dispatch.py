@@ -39,7 +39,8 @@ class _WeightedCombine(torch.autograd.Function):
     def forward(ctx, y_AD, weights_A, token_ids_A, num_tokens):
         ctx.save_for_backward(y_AD, weights_A, token_ids_A)
         acc = torch.promote_types(y_AD.dtype, torch.float32)  # float32 (float64 stays float64)
-        weighted_AD = y_AD.to(acc) * weights_A.unsqueeze(-1).to(acc)
+        # type promotion widens y element by element (exact): no separate float32 copy of y
+        weighted_AD = y_AD * weights_A.unsqueeze(-1).to(acc)
         out_TD = torch.zeros(num_tokens, y_AD.shape[-1], dtype=acc, device=y_AD.device)
         return out_TD.index_add_(0, token_ids_A, weighted_AD).to(y_AD.dtype)
 
@@ -47,10 +48,11 @@ class _WeightedCombine(torch.autograd.Function):
     def backward(ctx, grad_TD):
         y_AD, weights_A, token_ids_A = ctx.saved_tensors
         acc = torch.promote_types(y_AD.dtype, torch.float32)
-        grad_AD = grad_TD.to(acc).index_select(0, token_ids_A)
+        # gather in the incoming dtype (bf16: half the bytes), widen inside the products (exact)
+        grad_AD = grad_TD.index_select(0, token_ids_A)
         grad_y = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_y = (grad_AD * weights_A.unsqueeze(-1).to(acc)).to(y_AD.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = (grad_AD * y_AD.to(acc)).sum(-1).to(weights_A.dtype)
+            grad_w = (grad_AD.to(acc) * y_AD).sum(-1).to(weights_A.dtype)
         return grad_y, grad_w, None, None
