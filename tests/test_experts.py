@@ -222,3 +222,39 @@ def test_building_a_layer_leaves_the_global_rng_alone_whatever_the_probe_cache()
     finally:
         _GROUPED_MM_SUPPORT.clear()
         _GROUPED_MM_SUPPORT.update(saved)
+
+
+@pytest.mark.parametrize("d_model, dtype, supported, expected", [
+    (16, torch.float32, True, "grouped_mm"),    # 64-byte rows, probe says yes
+    (16, torch.float32, False, "bmm"),          # the device or dtype cannot run _grouped_mm
+    (6, torch.float32, True, "bmm"),            # 24-byte rows: not 16-byte aligned
+    (8, torch.bfloat16, True, "grouped_mm"),    # 16-byte bf16 rows
+    (4, torch.bfloat16, True, "bmm"),           # 8-byte bf16 rows
+], ids=["aligned", "unsupported", "unaligned-fp32", "aligned-bf16", "unaligned-bf16"])
+def test_auto_falls_back_to_bmm_where_grouped_mm_cannot_run(monkeypatch, d_model, dtype, supported, expected):
+    """Every device-dependent choice of expert_impl="auto", checked on the CPU (the GPU takes
+    the same decisions from the same probe and alignment rule)."""
+    import moe_balance.experts as ex
+    from moe_balance.bench import Shape, auto_choice
+
+    experts = SwiGLUExperts(4, d_model, 8).to(dtype)
+    monkeypatch.setitem(ex._GROUPED_MM_SUPPORT, ("cpu", dtype), supported)
+    taken = []
+    real_grouped, real_bmm = ex._grouped, ex._bmm_swiglu
+    monkeypatch.setattr(ex, "_grouped", lambda *a: taken.append("grouped_mm") or real_grouped(*a))
+    monkeypatch.setattr(ex, "_bmm_swiglu", lambda *a: taken.append("bmm") or real_bmm(*a))
+    x = torch.randn(10, d_model).to(dtype)
+    counts = torch.tensor([3, 0, 5, 2])
+    y = experts(x, counts, impl="auto")
+    assert set(taken) == {expected}
+    tolerance = dict(rtol=2e-2, atol=1e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, experts(x, counts, impl="loop"), **tolerance)
+    if supported:  # the benchmark marks the same path as the default
+        assert auto_choice(Shape("s", d_model, 8, 4, 2), dtype) == expected
+
+
+def test_the_probe_says_no_without_grouped_mm(monkeypatch):
+    from moe_balance.experts import _probe_grouped_mm
+
+    monkeypatch.delattr(torch, "_grouped_mm")
+    assert _probe_grouped_mm("cpu", torch.float32) is False
