@@ -40,7 +40,9 @@ class _WeightedCombine(torch.autograd.Function):
         ctx.save_for_backward(y_AD, weights_A, token_ids_A)
         acc = torch.promote_types(y_AD.dtype, torch.float32)  # float32 (float64 stays float64)
         # type promotion widens y element by element (exact): no separate float32 copy of y
-        weighted_AD = y_AD * weights_A.unsqueeze(-1).to(acc)
+        # NOTE: (A, 1) * (A, D) in this order: torch 2.13's CPU kernel is about 3x slower for
+        # (A, D) * (A, 1) (same values, the product commutes exactly)
+        weighted_AD = weights_A.unsqueeze(-1).to(acc) * y_AD
         out_TD = torch.zeros(num_tokens, y_AD.shape[-1], dtype=acc, device=y_AD.device)
         return out_TD.index_add_(0, token_ids_A, weighted_AD).to(y_AD.dtype)
 
@@ -52,7 +54,7 @@ class _WeightedCombine(torch.autograd.Function):
         grad_AD = grad_TD.index_select(0, token_ids_A)
         grad_y = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_y = (grad_AD * weights_A.unsqueeze(-1).to(acc)).to(y_AD.dtype)
+            grad_y = (weights_A.unsqueeze(-1).to(acc) * grad_AD).to(y_AD.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (grad_AD.to(acc) * y_AD).sum(-1).to(weights_A.dtype)
         return grad_y, grad_w, None, None
