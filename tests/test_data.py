@@ -423,3 +423,35 @@ def test_missing_datasets_package_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(MissingDependency, match=r"data spec 'hf:x' needs the `datasets` package, "
                                                 r"which is not installed: pip install 'moe-balance\[hf\]'"):
         load_documents("hf:x", cache_dir=tmp_path)
+
+
+def test_a_models_own_tokenizer_file_is_used_instead_of_training_one(tmp_path):
+    """moe-balance finetune tokenizes with the checkpoint's tokenizer.json when it has one."""
+    import tokenizers
+
+    from moe_balance.data import prepare_corpus
+
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    for i in range(6):
+        (corpus_dir / f"f{i}.txt").write_text(" ".join(f"w{(j + i) % 30}" for j in range(500)))
+    vocab = {"[UNK]": 0, **{f"w{k}": k + 1 for k in range(30)}}  # no EOT token
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    corpus = prepare_corpus(str(corpus_dir), cache_dir=tmp_path / "cache", progress=False, val_fraction=0.3,
+                            tokenizer_file=tmp_path / "tokenizer.json")
+    assert corpus.vocab_size == 31
+    train = np.asarray(corpus.train.tokens)
+    assert train.min() >= 1 and train.max() <= 30  # every word known, no separator token added
+    # each document is its 500 words, back to back: no separator between documents
+    lengths = np.diff(np.append(corpus.train.doc_starts, len(train)))
+    assert lengths.tolist() == [500] * len(corpus.train.doc_starts)
+    # another tokenizer file is another cache entry, never a stale one
+    vocab2 = {**vocab, "w0": 0, "[UNK]": 31}
+    tok2 = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab2, unk_token="[UNK]"))
+    tok2.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok2.save(str(tmp_path / "tokenizer2.json"))
+    other = prepare_corpus(str(corpus_dir), cache_dir=tmp_path / "cache", progress=False, val_fraction=0.3,
+                           tokenizer_file=tmp_path / "tokenizer2.json")
+    assert np.asarray(other.train.tokens).min() == 0
