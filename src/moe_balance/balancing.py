@@ -25,7 +25,7 @@ from torch import nn
 
 from . import controller
 from .config import AuxLoss, BalancerSpec, DynamicLoss, LossFree, ParameterPenalty, ZLoss
-from .routing import RoutingDecision
+from .routing import RoutingDecision, count_experts
 
 
 def _all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -129,7 +129,7 @@ def expert_counts(selected_TK: torch.Tensor, num_experts: int,
     if token_mask_T is not None:
         selected_TK = selected_TK[token_mask_T]
     selected_A = selected_TK.reshape(-1)
-    return torch.bincount(selected_A[selected_A >= 0], minlength=num_experts)
+    return count_experts(selected_A[selected_A >= 0], num_experts)
 
 
 # --------------------------------------------------------------------------------------------

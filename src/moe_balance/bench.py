@@ -116,11 +116,11 @@ def _peer(shape: Shape, family: str, impl: str, dtype: torch.dtype) -> Callable[
         config = transformers.OlmoeConfig(**common, intermediate_size=shape.expert_hidden, num_experts=shape.num_experts)
         block_cls = transformers.models.olmoe.modeling_olmoe.OlmoeSparseMoeBlock
     else:
-        config = transformers.DeepseekV3Config(**common, moe_intermediate_size=shape.expert_hidden,
-                                               n_routed_experts=shape.num_experts, n_shared_experts=max(shape.shared, 0),
-                                               n_group=1, topk_group=1)
         if not shape.shared:
             return None
+        config = transformers.DeepseekV3Config(**common, moe_intermediate_size=shape.expert_hidden,
+                                               n_routed_experts=shape.num_experts, n_shared_experts=shape.shared,
+                                               n_group=1, topk_group=1)
         block_cls = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE
     config._experts_implementation = impl
     torch.manual_seed(0)

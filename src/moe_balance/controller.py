@@ -47,7 +47,7 @@ from __future__ import annotations
 import torch
 
 from .metrics import max_vio
-from .routing import Router
+from .routing import Router, count_experts
 
 NUM_BINS = 32
 MIN_STEP_FRACTION = 1e-4  # the first bin edge, as a fraction of max_step
@@ -105,8 +105,7 @@ def margin_histograms(margins_TE: torch.Tensor, selected_TE: torch.Tensor,
     bins_TE = ((logs_TE - log_first.float()) / log_ratio.float()).ceil_().clamp_(0, B).to(torch.int32)  # B = beyond
     experts_E = torch.arange(E, device=margins_TE.device, dtype=torch.int32)
     flat = ((selected_TE.to(torch.int32) * E + experts_E) * (B + 1) + bins_TE).reshape(-1).long()
-    hist = torch.zeros(2 * E * (B + 1), dtype=torch.int64, device=flat.device).scatter_add_(
-        0, flat, torch.ones_like(flat))  # a bincount of fixed length
+    hist = count_experts(flat, 2 * E * (B + 1))  # a bincount of fixed length
     return hist.view(2, E, B + 1)[..., :B]
 
 

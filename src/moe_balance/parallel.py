@@ -147,7 +147,6 @@ class ShardedSwiGLUExperts(SwiGLUExperts):
         ep, rank = dist.get_world_size(group), dist.get_rank(group)
         self.num_global_experts = full.num_experts
         local = expert_ranks(full.num_experts, ep) == rank
-        self.first_expert = int(local.nonzero()[0])
         for name in ("w_gate", "w_up", "w_down"):
             setattr(self, name, nn.Parameter(getattr(full, name).detach()[local].clone()))
         self.last_sent_rows = self.last_sent_bytes = 0
@@ -217,12 +216,12 @@ def parallelize(model: nn.Module, groups: ParallelGroups, *, locality_bonus: flo
     return model
 
 
-def _is_sharded(model: nn.Module) -> dict[str, ShardedSwiGLUExperts]:
+def _sharded_modules(model: nn.Module) -> dict[str, ShardedSwiGLUExperts]:
     return {name: m for name, m in model.named_modules() if isinstance(m, ShardedSwiGLUExperts)}
 
 
 def _expert_param_ids(model: nn.Module) -> set[int]:
-    return {id(p) for m in _is_sharded(model).values() for p in m.parameters()}
+    return {id(p) for m in _sharded_modules(model).values() for p in m.parameters()}
 
 
 def _reduce(tensors: list[torch.Tensor], group: dist.ProcessGroup, scale: float) -> None:
@@ -279,7 +278,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float, groups: ParallelGroups) ->
 
 
 def _sharded_keys(model: nn.Module) -> set[str]:
-    return {f"{name}.{p}" for name in _is_sharded(model) for p in ("w_gate", "w_up", "w_down")}
+    return {f"{name}.{p}" for name in _sharded_modules(model) for p in ("w_gate", "w_up", "w_down")}
 
 
 def _gather_dim0(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -334,16 +333,28 @@ def load_full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module
     optimizer.load_state_dict(local)
 
 
-def ranks_per_token(selected_TK: torch.Tensor, ranks_E: torch.Tensor) -> torch.Tensor:
-    """(T,) int64: how many different ranks hold each token's selected FFN experts (slots of
+def _slot_ranks(selected_TK: torch.Tensor, ranks_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, K) rank of each slot's expert and (T, K) bool: the slot holds an FFN expert (slots of
     -1 and zero-computation experts, numbered from ``len(ranks_E)``, need no rank)."""
+    E = ranks_E.numel()
+    ffn_TK = (selected_TK >= 0) & (selected_TK < E)
+    return ranks_E.to(selected_TK.device)[selected_TK.clamp(0, E - 1)], ffn_TK
+
+
+def ranks_per_token(selected_TK: torch.Tensor, ranks_E: torch.Tensor) -> torch.Tensor:
+    """(T,) int64: how many different ranks hold each token's selected FFN experts."""
     T, E = selected_TK.shape[0], ranks_E.numel()
     R = int(ranks_E.max()) + 1 if E else 1
-    ffn_TK = (selected_TK >= 0) & (selected_TK < E)
-    rank_TK = ranks_E.to(selected_TK.device)[selected_TK.clamp(0, E - 1)]
+    rank_TK, ffn_TK = _slot_ranks(selected_TK, ranks_E)
     hit_TR = torch.zeros(T, R, dtype=torch.int64, device=selected_TK.device)
     hit_TR.scatter_add_(1, rank_TK.masked_fill(~ffn_TK, 0), ffn_TK.long())
     return (hit_TR > 0).sum(1)
+
+
+def crossing_assignments(selected_TK: torch.Tensor, ranks_E: torch.Tensor, own_rank: int) -> tuple[int, int]:
+    """(FFN assignments whose expert is on another rank than ``own_rank``, FFN assignments)."""
+    rank_TK, ffn_TK = _slot_ranks(selected_TK, ranks_E)
+    return int(((rank_TK != own_rank) & ffn_TK).sum()), int(ffn_TK.sum())
 
 
 def shutdown() -> None:

@@ -138,6 +138,13 @@ def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: flo
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
 
+def count_experts(expert_ids_A: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) int64 occurrences of each expert id in (A,) ids, all in [0, E). Not ``bincount``:
+    its output length depends on the data, which torch.compile cannot trace."""
+    return torch.zeros(num_experts, dtype=torch.int64, device=expert_ids_A.device).scatter_add_(
+        0, expert_ids_A, torch.ones_like(expert_ids_A))
+
+
 def sort_assignments(
     selected_TK: torch.Tensor,
     weights_TK: torch.Tensor,
@@ -180,9 +187,7 @@ def sort_assignments(
         token_ids, expert_ids, weights = token_ids[order], expert_ids[order], weights[order]
     order = torch.sort(expert_ids, stable=True).indices
     token_ids, expert_ids, weights = token_ids[order], expert_ids[order], weights[order]
-    # (not bincount: its output length depends on the data, which torch.compile cannot trace)
-    routed = torch.zeros(num_experts, dtype=torch.int64, device=expert_ids.device).scatter_add_(
-        0, expert_ids, torch.ones_like(expert_ids))
+    routed = count_experts(expert_ids, num_experts)
     if capacity_per_expert is None:
         return token_ids, expert_ids, weights, routed, routed
     starts = torch.cumsum(routed, 0) - routed

@@ -628,6 +628,7 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCo
     if corpus is None:
         corpus = _prepare(cfg, progress, parallel)
     model = build_model(cfg, corpus.vocab_size)
+    params = model.param_counts()  # of the full model: counted before any sharding
     if parallel is not None:  # every rank built the same full model: each keeps its experts
         par.parallelize(model, parallel, locality_bonus=cfg.locality_bonus)
     optimizer, scheduler = build_optimizer(model, cfg)
@@ -648,14 +649,12 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCo
         _load_training_state(model, optimizer, scheduler, state, parallel)
         start_step, wall_before = state["step"], state.get("wall_seconds", 0.0)
     metrics_path = out_dir / "metrics.jsonl"
-    full = _full_model(model, parallel)
     if main:
         _truncate_metrics(metrics_path, start_step)  # a fresh start (step 0) keeps no line
         layout = None if parallel is None else {"processes": parallel.data_size, "expert_parallel": parallel.ep_size}
         atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(
             {"train": dataclasses.asdict(cfg), "model": _jsonable(model.config),
-             "params": full.param_counts(), "vocab_size": corpus.vocab_size, "parallel": layout}, indent=2)))
-    del full
+             "params": params, "vocab_size": corpus.vocab_size, "parallel": layout}, indent=2)))
 
     sampler = BatchSampler(corpus.train, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
     writer = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1) if main else None
@@ -735,7 +734,7 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCo
             writer.add_scalar(f"eval/{key}", result[key], cfg.steps)
         writer.close()
         result.update(wall_seconds=wall_seconds, train_tokens=tokens_per_step * cfg.steps,
-                      params=full.param_counts())
+                      params=params)
         atomic_write(out_dir / "eval.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
         _save_weights(full, out_dir / "model.safetensors")
     return result if parallel is None else par.broadcast_from_first(result, parallel)
@@ -767,10 +766,9 @@ class _RankStats:
         selected_TK = out.decision.selected.detach().cpu()
         if out.decision.token_mask is not None:
             selected_TK = selected_TK[out.decision.token_mask.cpu()]
-        ffn_TK = (selected_TK >= 0) & (selected_TK < self.ranks_E.numel())
-        crossing = (self.ranks_E[selected_TK.clamp(0, self.ranks_E.numel() - 1)] != self.parallel.ep_rank) & ffn_TK
+        crossing, assignments = par.crossing_assignments(selected_TK, self.ranks_E, self.parallel.ep_rank)
         self.totals += torch.tensor([float(par.ranks_per_token(selected_TK, self.ranks_E).sum()),
-                                     selected_TK.shape[0], float(crossing.sum()), float(ffn_TK.sum()),
+                                     selected_TK.shape[0], crossing, assignments,
                                      2.0 * layer.experts.last_sent_bytes])  # 2: the backward sends as much
 
     def collect(self) -> dict:

@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._optional import require
-from ..balancing import LossFreeBalancer, update_balancers
+from ..balancing import LossFreeBalancer, expert_counts, update_balancers
 from ..config import LossFree
 from ..metrics import max_vio
 from ..moe import observe_on_backward
-from ..routing import biased_selection
+from ..routing import biased_selection, slots_to_mask
 
 BIAS = "e_score_correction_bias"
 
@@ -56,6 +56,8 @@ class Family:
     group_limited: bool    # DeepSeek-V3's n_group / topk_group selection
     sorted_topk: bool      # torch.topk(sorted=...) as the family calls it
     has_bias: bool         # the router already has e_score_correction_bias
+    scaled: bool = False   # the weights are multiplied by the router's routed_scaling_factor
+    norm_eps: float = 0.0  # added to the sum the top-k weights are normalised by
 
     @property
     def router_class(self) -> type:
@@ -71,7 +73,7 @@ FAMILIES = (
            False, True, False),
     Family("OLMoE", "olmoe.modeling_olmoe", "OlmoeTopKRouter", "softmax", False, "flag", True, False, True, False),
     Family("DeepSeek-V3", "deepseek_v3.modeling_deepseek_v3", "DeepseekV3TopkRouter", "sigmoid", True, "flag",
-           False, True, False, True),
+           False, True, False, True, scaled=True, norm_eps=1e-20),
 )
 
 
@@ -106,23 +108,22 @@ class LossFreeRouter(nn.Module):
         selected_TK = selection_TE.topk(self.top_k, dim=-1, sorted=fam.sorted_topk).indices
         weights_TK = scores_TE.gather(1, selected_TK)
         if fam.normalize == "always" or self.norm_topk_prob:
-            eps = 1e-20 if fam.name == "DeepSeek-V3" else 0.0
-            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + eps)
-        if fam.name == "DeepSeek-V3":
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + fam.norm_eps)
+        if fam.scaled:
             weights_TK = weights_TK * self.routed_scaling_factor
         if fam.weights_in_logits_dtype:
             weights_TK = weights_TK.to(logits_TE.dtype)
 
-        counts_E = None
+        observed = self.training and torch.is_grad_enabled()
+        if self.recorded_loads is None and not observed:
+            return logits_TE, weights_TK, selected_TK
+        counts_E = expert_counts(selected_TK, self.num_experts)
         if self.recorded_loads is not None:
-            counts_E = torch.bincount(selected_TK.reshape(-1), minlength=self.num_experts)
             self.recorded_loads += counts_E.to(self.recorded_loads.device)
-        if self.training and torch.is_grad_enabled():
-            if counts_E is None:
-                counts_E = torch.bincount(selected_TK.reshape(-1), minlength=self.num_experts)
+        if observed:
             stats = None
             if self.balancer.spec.rule == "adaptive":
-                selected_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter_(1, selected_TK, True)
+                selected_TE = slots_to_mask(selected_TK, self.num_experts)
                 stats = self.balancer.margin_stats(scores_TE.detach(), selection_TE.detach(), selected_TE)
             weights_TK = observe_on_backward(weights_TK, counts_E.detach(), [self.balancer], [stats],
                                              anchor=hidden_states)
