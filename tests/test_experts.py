@@ -169,6 +169,55 @@ def test_the_combine_saves_the_outputs_gates_and_ids_only():
     assert torch.autograd.gradcheck(lambda a, b: _WeightedCombine.apply(a, b, ids, T), (y64, w64))
 
 
+def _fused_case(dtype):
+    """Grouped experts (one with no rows) and their inputs: 5 tokens x top-4 of 4 experts."""
+    torch.manual_seed(0)
+    experts = SwiGLUExperts(4, 16, 32, impl="grouped_mm").to(dtype)
+    T, A = 5, 20
+    counts = torch.tensor([6, 0, 9, 5])
+    ids = torch.randint(0, T, (A,), generator=torch.Generator().manual_seed(1))
+    x = torch.randn(A, 16, dtype=dtype)
+    w = torch.rand(A)
+    return experts, counts, ids, x, w, T
+
+
+@pytest.mark.skipif(not grouped_mm_supported("cpu", torch.bfloat16), reason="needs CPU _grouped_mm")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_down_projection_and_combine_match_the_loop(dtype):
+    """weighted_sum on the grouped path (one function for down projection + combine) against
+    the loop's outputs through the plain combine: output, and the gradients of the inputs, the
+    gate weights and every expert weight. fp32 to rounding; bf16 within its precision."""
+    from moe_balance.dispatch import weighted_combine
+
+    experts, counts, ids, x, w, T = _fused_case(dtype)
+    upstream = torch.randn(T, 16, generator=torch.Generator().manual_seed(2)).to(dtype)
+    results = []
+    for fused in (True, False):
+        experts.zero_grad()
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = experts.weighted_sum(xi, counts, wi, ids, T) if fused else \
+            weighted_combine(experts(xi, counts, "loop"), wi, ids, T)
+        (y.float() * upstream.float()).sum().backward()
+        results.append([y.detach(), xi.grad, wi.grad] + [p.grad.clone() for p in experts.parameters()])
+    tolerance = dict(rtol=2e-2, atol=1e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-7)
+    for name, got, want in zip(["y", "x", "weights", "w_gate", "w_up", "w_down"], *results):
+        assert got.dtype == want.dtype, name
+        torch.testing.assert_close(got, want, **tolerance, msg=name)
+    assert results[0][5][1].abs().max() == 0  # the expert with no rows: zero gradient
+
+
+@pytest.mark.skipif(not grouped_mm_supported("cpu", torch.float32), reason="needs CPU _grouped_mm")
+def test_fused_path_keeps_no_expert_outputs_for_the_backward():
+    """Exactly one (A, D) tensor fewer than the grouped experts followed by the combine."""
+    from moe_balance.bench import _saved_bytes
+    from moe_balance.dispatch import weighted_combine
+
+    experts, counts, ids, x, w, T = _fused_case(torch.float32)
+    fused = _saved_bytes(lambda t: experts.weighted_sum(t, counts, w, ids, T), x)
+    apart = _saved_bytes(lambda t: weighted_combine(experts(t, counts, "grouped_mm"), w, ids, T), x)
+    assert apart - fused == x.shape[0] * 16 * 4
+
+
 def test_bench_shapes_and_json(capsys):
     import json
 

@@ -24,7 +24,26 @@ def unpermute(y_AD: torch.Tensor, decision: RoutingDecision, num_tokens: int) ->
     The weighted sum is accumulated in float32 (bf16 accumulation over top-K outputs loses
     precision) and cast back to the input dtype.
     """
-    return _WeightedCombine.apply(y_AD, decision.weights, decision.token_ids, num_tokens)
+    return weighted_combine(y_AD, decision.weights, decision.token_ids, num_tokens)
+
+
+def weighted_combine(y_AD: torch.Tensor, weights_A: torch.Tensor, token_ids_A: torch.Tensor,
+                     num_tokens: int) -> torch.Tensor:
+    """(T, D): out[t] = sum over assignments a with token_ids_A[a] == t of weights_A[a] * y_AD[a],
+    accumulated in float32 and cast to y's dtype (``unpermute`` without a ``RoutingDecision``)."""
+    return _WeightedCombine.apply(y_AD, weights_A, token_ids_A, num_tokens)
+
+
+def weighted_sum(y_AD: torch.Tensor, weights_A: torch.Tensor, token_ids_A: torch.Tensor,
+                 num_tokens: int) -> torch.Tensor:
+    """The forward arithmetic of ``weighted_combine``, outside autograd."""
+    acc = torch.promote_types(y_AD.dtype, torch.float32)  # float32 (float64 stays float64)
+    # type promotion widens y element by element (exact): no separate float32 copy of y
+    # NOTE: (A, 1) * (A, D) in this order: torch 2.13's CPU kernel is about 3x slower for
+    # (A, D) * (A, 1) (same values, the product commutes exactly)
+    weighted_AD = weights_A.unsqueeze(-1).to(acc) * y_AD
+    out_TD = torch.zeros(num_tokens, y_AD.shape[-1], dtype=acc, device=y_AD.device)
+    return out_TD.index_add_(0, token_ids_A, weighted_AD).to(y_AD.dtype)
 
 
 class _WeightedCombine(torch.autograd.Function):
@@ -38,13 +57,7 @@ class _WeightedCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_AD, weights_A, token_ids_A, num_tokens):
         ctx.save_for_backward(y_AD, weights_A, token_ids_A)
-        acc = torch.promote_types(y_AD.dtype, torch.float32)  # float32 (float64 stays float64)
-        # type promotion widens y element by element (exact): no separate float32 copy of y
-        # NOTE: (A, 1) * (A, D) in this order: torch 2.13's CPU kernel is about 3x slower for
-        # (A, D) * (A, 1) (same values, the product commutes exactly)
-        weighted_AD = weights_A.unsqueeze(-1).to(acc) * y_AD
-        out_TD = torch.zeros(num_tokens, y_AD.shape[-1], dtype=acc, device=y_AD.device)
-        return out_TD.index_add_(0, token_ids_A, weighted_AD).to(y_AD.dtype)
+        return weighted_sum(y_AD, weights_A, token_ids_A, num_tokens)
 
     @staticmethod
     def backward(ctx, grad_TD):

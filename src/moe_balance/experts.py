@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import EXPERT_IMPLS
+from .dispatch import weighted_combine, weighted_sum
+
 
 class SwiGLU(nn.Module):
     """Dense SwiGLU MLP: down(silu(x @ gate) * (x @ up)) (Shazeer 2020, "GLU Variants")."""
@@ -58,6 +61,45 @@ def _grouped(x, w, offs):
 
 def _swiglu(x, w_gate, w_up, w_down):
     return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+class _GroupedDownCombine(torch.autograd.Function):
+    """out = weighted_combine(_grouped_mm(h, w_down), weights, token_ids): the down projection
+    and the weighted sum in one function, with the same forward arithmetic.
+
+    Apart, the combine keeps the (A, D) expert outputs y for the gate gradient
+    (dL/dw_a = <g_a, y_a>, g_a the output gradient of a's token). Here that gradient is read off
+    the hidden the down projection keeps anyway: <g_a, h_a W> = <g_a W^T, h_a>, and g_a W^T is
+    the product the down projection's backward needs: one (A, D) tensor fewer is kept, and
+    the backward runs the same two grouped matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, h_AH, w_down_EHD, offs_E, weights_A, token_ids_A, num_tokens):
+        ctx.save_for_backward(h_AH, w_down_EHD, offs_E, weights_A, token_ids_A)
+        y_AD = torch._grouped_mm(h_AH, w_down_EHD, offs=offs_E)
+        return weighted_sum(y_AD, weights_A, token_ids_A, num_tokens)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        h_AH, w_down_EHD, offs_E, weights_A, token_ids_A = ctx.saved_tensors
+        acc = torch.promote_types(h_AH.dtype, torch.float32)
+        g_AD = grad_TD.index_select(0, token_ids_A).to(h_AH.dtype)  # contiguous: _grouped_mm's CPU backward needs it
+        w_A1 = weights_A.unsqueeze(-1).to(acc)
+        gu_AH = torch._grouped_mm(g_AD, w_down_EHD.transpose(-2, -1), offs=offs_E)  # g W^T, unweighted
+        grad_h = grad_w_down = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            grad_h = (w_A1 * gu_AH).to(h_AH.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w_down = torch._grouped_mm(h_AH.t(), (w_A1 * g_AD).to(h_AH.dtype), offs=offs_E)
+        if ctx.needs_input_grad[3]:
+            grad_weights = (gu_AH.to(acc) * h_AH).sum(-1).to(weights_A.dtype)
+        return grad_h, grad_w_down, None, grad_weights, None, None
+
+
+def _offsets(tokens_per_expert: torch.Tensor, device) -> torch.Tensor:
+    """(E,) int32 end row of each expert's block, as ``torch._grouped_mm`` takes them."""
+    return torch.cumsum(tokens_per_expert, 0).to(device=device, dtype=torch.int32)
 
 
 _GROUPED_MM_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
@@ -128,13 +170,43 @@ class _RoutedExperts(nn.Module, abc.ABC):
     def forward(self, x_AD: torch.Tensor, tokens_per_expert: torch.Tensor, impl: str | None = None
                 ) -> torch.Tensor:
         """Apply expert e to its block of rows; rows are grouped by expert in order."""
-        impl = impl or self.impl
+        impl = self._resolve(x_AD, impl)
         if impl == "loop":
             return self._loop(x_AD, tokens_per_expert)
         w_gate, w_up, w_down = self.stacked()
+        if impl == "bmm":
+            return _bmm_swiglu(x_AD, tokens_per_expert, w_gate, w_up, w_down)
+        offs = _offsets(tokens_per_expert, x_AD.device)
+        h_AH = F.silu(_grouped(x_AD, w_gate, offs)) * _grouped(x_AD, w_up, offs)
+        return _grouped(h_AH, w_down, offs)
+
+    def weighted_sum(self, x_AD: torch.Tensor, tokens_per_expert: torch.Tensor, weights_A: torch.Tensor,
+                     token_ids_A: torch.Tensor, num_tokens: int, impl: str | None = None) -> torch.Tensor:
+        """(T, D): each token's sum of gate weight x expert output over its assignments,
+        ``weighted_combine(self(x_AD, tokens_per_expert), weights_A, token_ids_A, num_tokens)``.
+
+        On the grouped_mm path the down projection and the sum are one autograd function
+        (``_GroupedDownCombine``), which keeps no (A, D) expert outputs for the backward.
+        """
+        impl = self._resolve(x_AD, impl)
+        if impl != "grouped_mm":
+            return weighted_combine(self(x_AD, tokens_per_expert, impl), weights_A, token_ids_A, num_tokens)
+        w_gate, w_up, w_down = self.stacked()
+        offs = _offsets(tokens_per_expert, x_AD.device)
+        h_AH = F.silu(_grouped(x_AD, w_gate, offs)) * _grouped(x_AD, w_up, offs)
+        if w_down.dtype != h_AH.dtype:  # autocast (see _grouped)
+            w_down = w_down.to(h_AH.dtype)
+        return _GroupedDownCombine.apply(h_AH, w_down, offs, weights_A, token_ids_A, num_tokens)
+
+    def _resolve(self, x_AD: torch.Tensor, impl: str | None) -> str:
+        """The compute path for these rows: ``impl`` (or the module's), with auto decided."""
+        impl = impl or self.impl
+        if impl not in EXPERT_IMPLS:
+            raise ValueError(f"expert impl={impl!r} is not allowed; choose loop, bmm, grouped_mm or auto")
         if impl == "auto":
-            # _grouped_mm wants 16-byte aligned rows (D and H multiples of 8 in bf16).
-            aligned = all(n * x_AD.element_size() % 16 == 0 for n in w_up.shape[1:])
+            # _grouped_mm wants 16-byte aligned rows (D and H multiples of 8 in bf16); the
+            # stacked weights are (E, D, H_max)
+            aligned = all(n * x_AD.element_size() % 16 == 0 for n in (x_AD.shape[-1], max(self.hidden_sizes)))
             usable = aligned and grouped_mm_supported(x_AD.device.type, x_AD.dtype)
             # NOTE: torch 2.13's fake-tensor rule for _grouped_mm (what torch.compile traces
             # with) accepts bf16 only, though the CPU kernel runs float32: compiled float32
@@ -142,13 +214,7 @@ class _RoutedExperts(nn.Module, abc.ABC):
             if torch.compiler.is_compiling() and x_AD.dtype != torch.bfloat16:
                 usable = False
             impl = "grouped_mm" if usable else "bmm"
-        if impl == "bmm":
-            return _bmm_swiglu(x_AD, tokens_per_expert, w_gate, w_up, w_down)
-        if impl == "grouped_mm":
-            offs = torch.cumsum(tokens_per_expert, 0).to(device=x_AD.device, dtype=torch.int32)
-            h_AH = F.silu(_grouped(x_AD, w_gate, offs)) * _grouped(x_AD, w_up, offs)
-            return _grouped(h_AH, w_down, offs)
-        raise ValueError(f"expert impl={impl!r} is not allowed; choose loop, bmm, grouped_mm or auto")
+        return impl
 
     def _loop(self, x_AD, tokens_per_expert):
         outputs = []

@@ -150,12 +150,11 @@ class MoE(nn.Module):
                             f"(moe.to({x.dtype}))")
 
     def _expert_outputs(self, x_AD: torch.Tensor, decision: RoutingDecision) -> torch.Tensor:
-        """Each assignment's expert output, in assignment order. Only the FFN experts' rows
-        (a prefix: assignments are sorted by expert) reach the FFN path; zero experts give 0,
-        copy experts their input, constant experts ``ConstantExperts``, without any matmul."""
+        """Each assignment's expert output, in assignment order, in a layer with MoE++ experts.
+        Only the FFN experts' rows (a prefix: assignments are sorted by expert) reach the FFN
+        path; zero experts give 0, copy experts their input, constant experts
+        ``ConstantExperts``, without any matmul."""
         c = self.config
-        if not c.num_zero_computation_experts:
-            return self.experts(x_AD, decision.tokens_per_expert)
         E = c.num_experts
         per_kind = kind_loads(decision.tokens_per_expert, c).tolist()  # kept assignments per kind
         ffn_x, zero_x, copy_x, constant_x = x_AD.split(per_kind)
@@ -203,7 +202,12 @@ class MoE(nn.Module):
             bias_E = fixed_E if bias_E is None else bias_E + fixed_E
         decision = self.router(x_TD, bias_E, mask_T, multiplicative, prev_logits)
 
-        y_TD = unpermute(self._expert_outputs(permute(x_TD, decision), decision), decision, x_TD.shape[0])
+        x_AD = permute(x_TD, decision)
+        if self.config.num_zero_computation_experts:
+            y_TD = unpermute(self._expert_outputs(x_AD, decision), decision, x_TD.shape[0])
+        else:  # the experts combine their own outputs: the grouped path keeps no (A, D) outputs
+            y_TD = self.experts.weighted_sum(x_AD, decision.tokens_per_expert, decision.weights,
+                                             decision.token_ids, x_TD.shape[0])
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
 

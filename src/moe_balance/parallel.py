@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .balancing import Balancer
+from .dispatch import weighted_combine
 from .experts import SwiGLUExperts
 from .moe import MoE, moe_layers
 
@@ -150,6 +151,11 @@ class ShardedSwiGLUExperts(SwiGLUExperts):
         for name in ("w_gate", "w_up", "w_down"):
             setattr(self, name, nn.Parameter(getattr(full, name).detach()[local].clone()))
         self.last_sent_rows = self.last_sent_bytes = 0
+
+    def weighted_sum(self, x_AD: torch.Tensor, tokens_per_expert: torch.Tensor, weights_A: torch.Tensor,
+                     token_ids_A: torch.Tensor, num_tokens: int, impl: str | None = None) -> torch.Tensor:
+        # the outputs come back through the all-to-all: no fused down projection and combine
+        return weighted_combine(self(x_AD, tokens_per_expert, impl), weights_A, token_ids_A, num_tokens)
 
     def forward(self, x_AD: torch.Tensor, tokens_per_expert: torch.Tensor, impl: str | None = None) -> torch.Tensor:
         from torch.distributed._functional_collectives import all_to_all_single_autograd
