@@ -131,7 +131,7 @@ def test_adaptive_first_update_hand_computed():
     update_balancers(layer)
     torch.testing.assert_close(layer.expert_bias, expected.float())
     assert layer.balancers[0].pending_margins.sum().item() == 0  # reset with the counts
-    torch.testing.assert_close(layer.balancers[0].innovation_mean, 0.1 * innovation)
+    torch.testing.assert_close(layer.balancers[0].innovation_mean, (1 - spec.smoothing) * innovation)  # EMA from 0
 
 
 def test_trust_error_gives_full_steps_to_an_expert_that_just_became_overloaded():
