@@ -181,10 +181,10 @@ def _fused_case(dtype):
     return experts, counts, ids, x, w, T
 
 
-@pytest.mark.skipif(not grouped_mm_supported("cpu", torch.bfloat16), reason="needs CPU _grouped_mm")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_down_projection_and_combine_match_the_loop(dtype):
-    """weighted_sum on the grouped path (one function for down projection + combine) against
+    """(torch 2.13's CPU _grouped_mm runs fp32 and bf16: test_grouped_mm_is_available_on_this_torch.)
+    weighted_sum on the grouped path (one function for down projection + combine) against
     the loop's outputs through the plain combine: output, and the gradients of the inputs, the
     gate weights and every expert weight. fp32 to rounding; bf16 within its precision."""
     from moe_balance.dispatch import weighted_combine
@@ -206,7 +206,6 @@ def test_fused_down_projection_and_combine_match_the_loop(dtype):
     assert results[0][5][1].abs().max() == 0  # the expert with no rows: zero gradient
 
 
-@pytest.mark.skipif(not grouped_mm_supported("cpu", torch.float32), reason="needs CPU _grouped_mm")
 def test_fused_path_keeps_no_expert_outputs_for_the_backward():
     """Exactly one (A, D) tensor fewer than the grouped experts followed by the combine."""
     from moe_balance.bench import _saved_bytes

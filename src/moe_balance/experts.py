@@ -97,11 +97,6 @@ class _GroupedDownCombine(torch.autograd.Function):
         return grad_h, grad_w_down, None, grad_weights, None, None
 
 
-def _offsets(tokens_per_expert: torch.Tensor, device) -> torch.Tensor:
-    """(E,) int32 end row of each expert's block, as ``torch._grouped_mm`` takes them."""
-    return torch.cumsum(tokens_per_expert, 0).to(device=device, dtype=torch.int32)
-
-
 _GROUPED_MM_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
 
 
@@ -173,11 +168,9 @@ class _RoutedExperts(nn.Module, abc.ABC):
         impl = self._resolve(x_AD, impl)
         if impl == "loop":
             return self._loop(x_AD, tokens_per_expert)
-        w_gate, w_up, w_down = self.stacked()
         if impl == "bmm":
-            return _bmm_swiglu(x_AD, tokens_per_expert, w_gate, w_up, w_down)
-        offs = _offsets(tokens_per_expert, x_AD.device)
-        h_AH = F.silu(_grouped(x_AD, w_gate, offs)) * _grouped(x_AD, w_up, offs)
+            return _bmm_swiglu(x_AD, tokens_per_expert, *self.stacked())
+        h_AH, w_down, offs = self._grouped_hidden(x_AD, tokens_per_expert)
         return _grouped(h_AH, w_down, offs)
 
     def weighted_sum(self, x_AD: torch.Tensor, tokens_per_expert: torch.Tensor, weights_A: torch.Tensor,
@@ -191,12 +184,16 @@ class _RoutedExperts(nn.Module, abc.ABC):
         impl = self._resolve(x_AD, impl)
         if impl != "grouped_mm":
             return weighted_combine(self(x_AD, tokens_per_expert, impl), weights_A, token_ids_A, num_tokens)
-        w_gate, w_up, w_down = self.stacked()
-        offs = _offsets(tokens_per_expert, x_AD.device)
-        h_AH = F.silu(_grouped(x_AD, w_gate, offs)) * _grouped(x_AD, w_up, offs)
+        h_AH, w_down, offs = self._grouped_hidden(x_AD, tokens_per_expert)
         if w_down.dtype != h_AH.dtype:  # autocast (see _grouped)
             w_down = w_down.to(h_AH.dtype)
         return _GroupedDownCombine.apply(h_AH, w_down, offs, weights_A, token_ids_A, num_tokens)
+
+    def _grouped_hidden(self, x_AD, tokens_per_expert):
+        """The grouped path up to the down projection: (silu(x W_gate) * x W_up, W_down, offsets)."""
+        w_gate, w_up, w_down = self.stacked()
+        offs = torch.cumsum(tokens_per_expert, 0).to(device=x_AD.device, dtype=torch.int32)
+        return F.silu(_grouped(x_AD, w_gate, offs)) * _grouped(x_AD, w_up, offs), w_down, offs
 
     def _resolve(self, x_AD: torch.Tensor, impl: str | None) -> str:
         """The compute path for these rows: ``impl`` (or the module's), with auto decided."""
