@@ -206,6 +206,35 @@ def test_fused_down_projection_and_combine_match_the_loop(dtype):
     assert results[0][5][1].abs().max() == 0  # the expert with no rows: zero gradient
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", [None, 7 * 16])
+def test_row_products_equal_the_plain_float32_formulas_bit_for_bit(monkeypatch, dtype, block):
+    """scale_rows, row_dots and weighted_sum (products in float32, done a block of rows at a
+    time and in place where allowed) give exactly the plain formulas' bits: one block, and
+    blocks of 7 rows (with a ragged last block)."""
+    from moe_balance import dispatch
+
+    if block is not None:
+        monkeypatch.setattr(dispatch, "_BLOCK_ELEMENTS", block)
+    gen = torch.Generator().manual_seed(0)
+    A, D, T = 45, 16, 12
+    x = torch.randn(A, D, generator=gen).to(dtype)
+    y = torch.randn(A, D, generator=gen).to(dtype)
+    w = torch.rand(A, generator=gen)
+    ids = torch.randint(0, T, (A,), generator=gen)
+    plain_scaled = (w.unsqueeze(-1) * x.float()).to(dtype)
+    assert torch.equal(dispatch.scale_rows(x, w), plain_scaled)
+    assert torch.equal(dispatch.row_dots(x, y), (x.float() * y.float()).sum(-1))
+    plain_sum = torch.zeros(T, D).index_add_(0, ids, w.unsqueeze(-1) * x.float()).to(dtype)
+    assert torch.equal(dispatch.weighted_sum(x, w, ids, T), plain_sum)
+    scratch = x.clone()
+    assert torch.equal(dispatch.weighted_sum(scratch, w, ids, T, scratch=True), plain_sum)
+    assert torch.equal(dispatch.scale_rows(x, w), plain_scaled) and not torch.equal(x, plain_scaled)  # x kept
+    mine = x.clone()
+    out = dispatch.scale_rows(mine, w, inplace=True)
+    assert out.data_ptr() == mine.data_ptr() and torch.equal(mine, plain_scaled)
+
+
 def test_fused_path_keeps_no_expert_outputs_for_the_backward():
     """Exactly one (A, D) tensor fewer than the grouped experts followed by the combine."""
     from moe_balance.bench import _saved_bytes

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EXPERT_IMPLS
-from .dispatch import weighted_combine, weighted_sum
+from .dispatch import row_dots, scale_rows, weighted_combine, weighted_sum
 
 
 class SwiGLU(nn.Module):
@@ -78,22 +78,21 @@ class _GroupedDownCombine(torch.autograd.Function):
     def forward(ctx, h_AH, w_down_EHD, offs_E, weights_A, token_ids_A, num_tokens):
         ctx.save_for_backward(h_AH, w_down_EHD, offs_E, weights_A, token_ids_A)
         y_AD = torch._grouped_mm(h_AH, w_down_EHD, offs=offs_E)
-        return weighted_sum(y_AD, weights_A, token_ids_A, num_tokens)
+        return weighted_sum(y_AD, weights_A, token_ids_A, num_tokens, scratch=True)  # y is ours
 
     @staticmethod
     def backward(ctx, grad_TD):
         h_AH, w_down_EHD, offs_E, weights_A, token_ids_A = ctx.saved_tensors
-        acc = torch.promote_types(h_AH.dtype, torch.float32)
         g_AD = grad_TD.index_select(0, token_ids_A).to(h_AH.dtype)  # contiguous: _grouped_mm's CPU backward needs it
-        w_A1 = weights_A.unsqueeze(-1).to(acc)
         gu_AH = torch._grouped_mm(g_AD, w_down_EHD.transpose(-2, -1), offs=offs_E)  # g W^T, unweighted
         grad_h = grad_w_down = grad_weights = None
+        if ctx.needs_input_grad[3]:  # before gu is weighted in place
+            grad_weights = row_dots(gu_AH, h_AH).to(weights_A.dtype)
+        # g and gu are this backward's own temporaries: weighted in place (dispatch.scale_rows)
         if ctx.needs_input_grad[0]:
-            grad_h = (w_A1 * gu_AH).to(h_AH.dtype)
+            grad_h = scale_rows(gu_AH, weights_A, inplace=True)
         if ctx.needs_input_grad[1]:
-            grad_w_down = torch._grouped_mm(h_AH.t(), (w_A1 * g_AD).to(h_AH.dtype), offs=offs_E)
-        if ctx.needs_input_grad[3]:
-            grad_weights = (gu_AH.to(acc) * h_AH).sum(-1).to(weights_A.dtype)
+            grad_w_down = torch._grouped_mm(h_AH.t(), scale_rows(g_AD, weights_A, inplace=True), offs=offs_E)
         return grad_h, grad_w_down, None, grad_weights, None, None
 
 
