@@ -101,7 +101,7 @@ def _rows():
         {"method": "aux_loss", "seed": 0, "val_ppl": 10.0, "maxvio_global": 0.6, "maxvio_batch": 1.0, "val_loss": 2.0,
          "steps_to_balance": None},
         {"method": "loss_free", "seed": 0, "val_ppl": 9.0, "maxvio_global": 0.05, "maxvio_batch": 0.2, "val_loss": 1.9,
-         "maxvio_static_floor": 0.01, "maxvio_train_windows": 0.04, "steps_to_balance": 40,
+         "maxvio_static_floor": 0.01, "maxvio_shift_floor": 0.03, "maxvio_train_windows": 0.04, "steps_to_balance": 40,
          "maxvio_batch_late_std": 0.05, "maxvio_batch_floor": 0.15},
         {"method": "aux_loss", "seed": 1, "val_ppl": 12.0, "maxvio_global": 0.8, "maxvio_batch": 2.0, "val_loss": 2.2,
          "steps_to_balance": 90},
@@ -163,11 +163,11 @@ def test_differences_from_baseline():
 def test_format_table():
     table = report.format_table(_rows())
     lines = table.splitlines()
-    assert lines[0] == ("| method | val PPL | experts/token | MaxVio_global | static floor | MaxVio_train | MaxVio_batch | "
-                        "batch floor | steps to balance | late std | seeds |")
+    assert lines[0] == ("| method | val PPL | experts/token | MaxVio_global | static floor | shift floor | MaxVio_train | "
+                        "MaxVio_batch | batch floor | steps to balance | late std | seeds |")
     assert len(lines) == 2 + 2  # header, separator, one row per method
-    assert "| aux_loss | 11.00 ± 1.41 | — | 0.700 ± 0.141 | — | — | 1.500 ± 0.707 | — | 90; never in 1/2 | — | 2 |" in lines
-    assert "| loss_free | 9.00 | — | 0.050 | 0.010 | 0.040 | 0.200 | 0.150 | 40 | 0.050 | 1 |" in lines
+    assert "| aux_loss | 11.00 ± 1.41 | — | 0.700 ± 0.141 | — | — | — | 1.500 ± 0.707 | — | 90; never in 1/2 | — | 2 |" in lines
+    assert "| loss_free | 9.00 | — | 0.050 | 0.010 | 0.030 | 0.040 | 0.200 | 0.150 | 40 | 0.050 | 1 |" in lines
 
 
 def test_plots_return_none_without_data(tmp_path):

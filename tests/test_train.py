@@ -137,6 +137,8 @@ def test_metrics_schema_and_eval_contents(base, corpus, tmp_path):
     for floor, vio in zip(result["maxvio_static_floor_layers"], result["maxvio_global_layers"]):
         assert floor <= vio + 1e-12
     assert result["maxvio_static_floor"] < 0.5 * result["maxvio_global"]
+    # the shift floor: a bias from the training windows, measured on the validation set
+    assert len(result["maxvio_shift_floor_layers"]) == 1 and 0 <= result["maxvio_shift_floor"] <= 8 / 2 - 1
     # train windows: the same kind of measurement on other data (the training files)
     assert 0 <= result["maxvio_train_windows"] <= 8 / 2 - 1
     assert result["maxvio_train_windows"] != result["maxvio_global"]
@@ -583,3 +585,20 @@ def test_batch_floor_is_the_content_imbalance_of_random_batches():
     final, floor = batch_balance(_one_layer([0.0, 0.0]), [scores], seq_len=2, batch_windows=2, seed=3)
     assert final == [pytest.approx(expected)] and floor == [pytest.approx(expected)]
     assert 0 < expected < 1  # this seed mixes some batches and not others
+
+
+def test_shift_floor_applies_the_training_windows_best_bias_to_the_validation_set():
+    from moe_balance.train import _best_static_bias, shift_floor
+
+    model = _one_layer([0.0, 0.0])
+    layer = model.moe_layers[0]
+    # training windows: half the tokens prefer each expert by 1, so no bias is needed
+    train_scores = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(4, 1)
+    # validation: three of four tokens prefer expert 0, one of them only by 0.1
+    val_scores = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.55, 0.45], [0.0, 1.0]])
+    train_bias, train_vio = _best_static_bias(layer, train_scores)
+    assert train_vio == 0 and torch.equal(train_bias, torch.zeros(2))
+    # that bias leaves the validation loads at (3, 1): MaxVio (3 - 2) / 2
+    assert shift_floor(model, [train_bias], [val_scores]) == [pytest.approx(0.5)]
+    # a bias fitted to the validation set itself would move the 0.55/0.45 token: (2, 2)
+    assert shift_floor(model, [torch.tensor([0.0, 0.2])], [val_scores]) == [pytest.approx(0.0)]

@@ -281,21 +281,25 @@ def evaluate(model: MoETransformer, corpus: TokenizedCorpus, cfg: TrainConfig) -
         hook.remove()
     model.train(was_training)
     val_loss = loss_sum / max(1, token_count)
-    floor_L = final_L = batch_floor_L = None
+    floor_L = shift_L = final_L = batch_floor_L = None
     # NOTE: the floors solve for equal token loads over every routed expert; with MoE++ experts
     # (tau, zero_computation_share) or compute targets (HMoE) the goal differs: not reported
     equal_targets = not model.config.moe.num_zero_computation_experts and all(
         b.target_share is None for layer in model.moe_layers for b in layer.balancers
         if isinstance(b, LossFreeBalancer))
     if equal_targets:
-        floor_L = static_bias_floor(model, [torch.cat(s) for s in scores])
-        final_L, batch_floor_L = batch_balance(model, [torch.cat(s) for s in train_scores],
-                                               seq_len=cfg.seq_len, batch_windows=cfg.batch_size)
+        val_scores, train_scores = [torch.cat(s) for s in scores], [torch.cat(s) for s in train_scores]
+        floor_L = static_bias_floor(model, val_scores)
+        train_best = [_best_static_bias(layer, s)[0] for layer, s in zip(model.moe_layers, train_scores)]
+        shift_L = shift_floor(model, train_best, val_scores)
+        final_L, batch_floor_L = batch_balance(model, train_scores, seq_len=cfg.seq_len,
+                                               batch_windows=cfg.batch_size, best_biases=train_best)
     mean = lambda xs: None if xs is None else sum(xs) / len(xs)  # noqa: E731
     result = {
         "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": token_count,
         "maxvio_global": total.maxvio(), "maxvio_global_layers": total.maxvio_per_layer(),
         "maxvio_static_floor": mean(floor_L), "maxvio_static_floor_layers": floor_L,
+        "maxvio_shift_floor": mean(shift_L), "maxvio_shift_floor_layers": shift_L,
         "maxvio_train_windows": train_windows.maxvio(),
         "maxvio_batch_final": mean(final_L),
         "maxvio_batch_floor": mean(batch_floor_L), "maxvio_batch_floor_layers": batch_floor_L,
@@ -329,6 +333,25 @@ def static_bias_floor(model: MoETransformer, scores_per_layer: list[torch.Tensor
             for layer, scores_TE in zip(model.moe_layers, scores_per_layer)]
 
 
+def shift_floor(model: MoETransformer, train_biases: list[torch.Tensor],
+                val_scores_per_layer: list[torch.Tensor]) -> list[float]:
+    """Per MoE layer, the MaxVio over the validation scores of the best static bias for the
+    training windows (``train_biases``, from ``_best_static_bias`` on their scores).
+
+    A controller that learns from training batches can at best find that bias, so this is the
+    floor of MaxVio_global for any such controller: its excess over the static floor (the
+    validation set's own best bias) is the shift between training and validation files, and
+    MaxVio_global minus it is controller error. (The static floor alone cannot show the
+    shift: a bias fitted to the validation set absorbs it.)
+    """
+    floors = []
+    for layer, bias_E, scores_TE in zip(model.moe_layers, train_biases, val_scores_per_layer):
+        _, multiplicative = _layer_bias(layer)
+        selected_TE = layer.router.select_mask(layer.router.selection(scores_TE, bias_E, multiplicative), scores_TE)
+        floors.append(float(max_vio(selected_TE.sum(0))))
+    return floors
+
+
 def _layer_bias(layer) -> tuple[torch.Tensor | None, bool]:
     """(the layer's Loss-Free bias on the CPU or None, whether it multiplies the scores)."""
     balancer = next((b for b in layer.balancers if isinstance(b, LossFreeBalancer)), None)
@@ -344,7 +367,8 @@ def _best_static_bias(layer, scores_TE: torch.Tensor) -> tuple[torch.Tensor, flo
 
 
 def batch_balance(model: MoETransformer, scores_per_layer: list[torch.Tensor], *, seq_len: int,
-                  batch_windows: int, seed: int = 0) -> tuple[list[float], list[float]]:
+                  batch_windows: int, seed: int = 0,
+                  best_biases: list[torch.Tensor] | None = None) -> tuple[list[float], list[float]]:
     """Per MoE layer, (final, floor): the mean MaxVio over training-sized batches, with the
     layer's final bias and with the best static bias for these tokens.
 
@@ -354,17 +378,18 @@ def batch_balance(model: MoETransformer, scores_per_layer: list[torch.Tensor], *
     from earlier batches can beat: a batch's own content moves its loads by this much whatever
     the bias, so MaxVio_batch of any causal controller is at least about the floor. The static
     bias is solved on the pooled tokens (``solve_static_bias``, warm started from the layer's
-    bias), which is near but not exactly the minimiser of the per-batch mean.
+    bias), which is near but not exactly the minimiser of the per-batch mean; ``best_biases``
+    gives those solutions when the caller has them already.
     """
     finals, floors = [], []
-    for layer, scores_TE in zip(model.moe_layers, scores_per_layer):
+    for i, (layer, scores_TE) in enumerate(zip(model.moe_layers, scores_per_layer)):
         W, E = scores_TE.shape[0] // seq_len, scores_TE.shape[1]
         batches = W // batch_windows
         if batches == 0:
             raise ValueError(f"batch_balance needs at least {batch_windows} windows, got {W}")
         order = torch.randperm(W, generator=torch.Generator().manual_seed(seed))[:batches * batch_windows]
         final_bias, multiplicative = _layer_bias(layer)
-        best_bias, _ = _best_static_bias(layer, scores_TE)
+        best_bias = _best_static_bias(layer, scores_TE)[0] if best_biases is None else best_biases[i]
         per_bias = []
         # each batch is routed on its own, as in training (expert choice reads the whole batch)
         rows_NT = (order.view(batches, batch_windows, 1) * seq_len + torch.arange(seq_len)).view(batches, -1)
