@@ -233,6 +233,9 @@ def test_row_products_equal_the_plain_float32_formulas_bit_for_bit(monkeypatch, 
     mine = x.clone()
     out = dispatch.scale_rows(mine, w, inplace=True)
     assert out.data_ptr() == mine.data_ptr() and torch.equal(mine, plain_scaled)
+    # no rows (an empty shard or batch)
+    assert dispatch.row_dots(x[:0], y[:0]).shape == (0,) and dispatch.scale_rows(x[:0], w[:0]).shape == (0, D)
+    assert torch.equal(dispatch.weighted_sum(x[:0], w[:0], ids[:0], T), torch.zeros(T, D, dtype=dtype))
 
 
 def test_fused_path_keeps_no_expert_outputs_for_the_backward():

@@ -45,7 +45,7 @@ _BLOCK_ELEMENTS = 1 << 21
 def _row_blocks(rows: int, width: int):
     """Row slices covering ``rows`` in blocks of about _BLOCK_ELEMENTS elements (one block
     while compiling: inductor fuses the products and keeps no temporaries)."""
-    step = rows if torch.compiler.is_compiling() else max(1, _BLOCK_ELEMENTS // max(width, 1))
+    step = max(1, rows if torch.compiler.is_compiling() else _BLOCK_ELEMENTS // max(width, 1))
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)] or [slice(0, 0)]
 
 

@@ -25,8 +25,7 @@ PAPER_RESULTS: list[dict] = [
 
 _AGG_KEYS = ("val_ppl", "experts_per_token", "ffn_experts_per_token", "ffn_compute_saved", "maxvio_compute",
              "routed_params_per_token", "maxvio_global", "maxvio_static_floor", "maxvio_shift_floor",
-             "maxvio_train_windows", "maxvio_batch",
-             "maxvio_batch_floor", "maxvio_batch_late_std", "val_loss")
+             "maxvio_train_windows", "maxvio_batch", "maxvio_batch_floor", "maxvio_batch_late_std", "val_loss")
 
 BALANCE_THRESHOLD, BALANCE_HOLD = 0.5, 20
 
@@ -190,8 +189,7 @@ LEAK_NOTE = (f"{LEAK_MARK} Expert choice reads later tokens of each sequence to 
              "leakage in a causal LM): its perplexity is not comparable with the other methods.")
 
 TABLE_HEADER = ["method", "val PPL", "experts/token", "MaxVio_global", "static floor", "shift floor", "MaxVio_train",
-                "MaxVio_batch",
-                "batch floor", "steps to balance", "late std", "seeds"]
+                "MaxVio_batch", "batch floor", "steps to balance", "late std", "seeds"]
 
 
 def _fmt_experts(row: dict) -> str:
