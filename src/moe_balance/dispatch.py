@@ -83,8 +83,7 @@ def weighted_sum(y_AD: torch.Tensor, weights_A: torch.Tensor, token_ids_A: torch
     acc = torch.promote_types(y_AD.dtype, torch.float32)  # float32 (float64 stays float64)
     out_TD = torch.zeros(num_tokens, y_AD.shape[-1], dtype=acc, device=y_AD.device)
     if y_AD.dtype == acc:
-        w_A1 = weights_A.unsqueeze(-1).to(acc)
-        return out_TD.index_add_(0, token_ids_A, y_AD.mul_(w_A1) if scratch else y_AD * w_A1)
+        return out_TD.index_add_(0, token_ids_A, scale_rows(y_AD, weights_A, inplace=scratch))
     # bf16/fp16 rows: widen and weight a block at a time (index_add_ adds rows in order, so
     # the blocks give the same sums as one call)
     w_A = weights_A.to(acc)
