@@ -158,6 +158,45 @@ def test_differences_from_baseline():
     ppl = diffs[("loss_free", "val_ppl")]  # aux 10, 12 vs 9, 9: -2 against 2 * sqrt(2 / 2) = 2
     assert ppl["difference"] == pytest.approx(-2.0) and ppl["noise"] == pytest.approx(2.0)
     assert ppl["exceeds"] is False
+    # same seed: seed 0 -1, seed 1 -3 -> mean -2, 2 * std(ddof=1) / sqrt(2) = 2 * sqrt(2) / sqrt(2) = 2
+    assert ppl["paired_seeds"] == 2 and ppl["paired_difference"] == pytest.approx(-2.0)
+    assert ppl["paired_noise"] == pytest.approx(2.0) and ppl["paired_exceeds"] is False
+    assert ppl["paired_higher"] == 0
+    # global: seed 0 -0.55, seed 1 -0.65: mean -0.6, 2 * 0.0707 / sqrt(2) = 0.1: beyond the noise
+    d = diffs[("loss_free", "maxvio_global")]
+    assert d["paired_difference"] == pytest.approx(-0.6) and d["paired_noise"] == pytest.approx(0.1)
+    assert d["paired_exceeds"] is True
+
+
+def test_paired_differences_use_only_the_seeds_both_methods_ran():
+    rows = [{"method": "aux_loss", "seed": s, "val_ppl": v, "maxvio_global": 1.0, "maxvio_batch": 1.0}
+            for s, v in ((0, 10.0), (1, 20.0), (2, 30.0))]
+    rows += [{"method": "loss_free", "seed": s, "val_ppl": v, "maxvio_global": 0.5, "maxvio_batch": 0.5}
+             for s, v in ((1, 21.0), (2, 32.0), (3, 5.0))]
+    ppl = next(d for d in report.differences_from_baseline(rows) if d["metric"] == "val_ppl")
+    # unpaired: means 20 vs 19.33; paired: seeds 1 and 2 only, +1 and +2
+    assert ppl["difference"] == pytest.approx(58 / 3 - 20)
+    assert ppl["paired_seeds"] == 2 and ppl["paired_difference"] == pytest.approx(1.5)
+    assert ppl["paired_noise"] == pytest.approx(2 * math.sqrt(0.5) / math.sqrt(2))
+    assert ppl["paired_higher"] == 2
+    table = report._differences_table(rows)
+    assert "| loss_free | val PPL | -0.67 | " in table and "| +1.50 ± 1.00 | yes | 2 of 2 |" in table
+
+
+def test_demo_summary_gives_ratios_and_says_one_seed_is_not_a_measurement():
+    rows = [{"method": "aux_loss", "seed": 0, "val_ppl": 180.0, "maxvio_global": 1.6, "maxvio_batch": 2.0},
+            {"method": "loss_free_adaptive", "seed": 0, "val_ppl": 190.5, "maxvio_global": 0.32,
+             "maxvio_batch": 0.5}]
+    lines = report.demo_summary(rows).splitlines()
+    assert lines[0] == "loss_free_adaptive against aux_loss (1 seed(s), this machine):"
+    assert lines[1].split() == ["val", "PPL", "190.50", "vs", "180.00", "(+10.50)"]
+    assert lines[2].split() == ["MaxVio_global", "0.320", "vs", "1.600", "(5.0x", "lower)"]
+    assert lines[3].split() == ["MaxVio_batch", "0.500", "vs", "2.000", "(4.0x", "lower)"]
+    assert lines[4].startswith("One seed on one machine")
+    rows[1]["maxvio_batch"] = 3.0  # worse: said so
+    rows += [dict(r, seed=1) for r in rows]  # two seeds: no single-run warning
+    lines = report.demo_summary(rows).splitlines()
+    assert lines[3].split()[-2:] == ["(1.5x", "higher)"] and len(lines) == 4
 
 
 def test_format_table():

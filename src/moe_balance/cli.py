@@ -15,6 +15,7 @@ from pathlib import Path
 from ._optional import missing_dependency_message
 from .methods import SWEEPS, list_methods
 from .parallel import launch, shutdown
+from .report import demo_summary
 from .train import (TRAIN_PRESETS, DistributedFailure, NonFiniteTraining, TrainConfig, TrainingInterrupted, build_model, compare,
                     train, train_config)
 
@@ -250,9 +251,9 @@ def _run(args, command_line: str, parallel) -> int:
                   f"maxvio_global {result['maxvio_global']:.3f}  ({result['wall_seconds']:.0f} s) -> {args.out}")
     elif args.command == "demo":
         # resume: a finished demo is only re-evaluated, so a second `make demo` is quick
-        compare(list(DEMO_METHODS), [0], train_config("quick"), args.out, resume=True,
-                command=command_line)
-        print(f"report: {Path(args.out) / 'report.md'}")
+        results = compare(list(DEMO_METHODS), [0], train_config("quick"), args.out, resume=True,
+                          command=command_line)
+        print(f"\n{demo_summary(results)}\nreport: {Path(args.out) / 'report.md'}")
     else:
         skip = ("method", "seed")
         methods = args.methods if args.command == "compare" else _sweep_methods(args.which)

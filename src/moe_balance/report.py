@@ -221,13 +221,22 @@ _DIFF_KEYS = (("val_ppl", "val PPL", 2), ("maxvio_global", "MaxVio_global", 3),
 
 
 def differences_from_baseline(results: list[dict]) -> list[dict]:
-    """Each method against the first one: difference of the seed means and its noise.
+    """Each method against the first one: difference of the seed means and its noise, and the
+    same difference taken seed by seed.
 
     noise = 2 * sqrt(s_a^2 / n_a + s_b^2 / n_b) (about a 95% interval of the difference, from the
     sample std over seeds); ``exceeds`` says whether |difference| > noise. None with one seed.
+
+    Runs of the same seed share the initial weights and the order of the training batches, so
+    much of what moves one seed's perplexity moves both methods'. The paired columns use only the
+    seeds both methods ran: ``paired_seeds`` (n), ``paired_difference`` (mean of the per-seed
+    differences), ``paired_noise`` (2 * their sample std / sqrt(n); None below 2 seeds),
+    ``paired_exceeds`` and ``paired_higher`` (in how many of the n seeds the method's value is
+    higher than the first method's).
     """
     rows = aggregate(results)
     base, out = rows[0], []
+    by_seed = {(r["method"], r["seed"]): r for r in results}
     for row in rows[1:]:
         for key, _, _ in _DIFF_KEYS:
             a, b = base.get(f"{key}_mean"), row.get(f"{key}_mean")
@@ -237,20 +246,59 @@ def differences_from_baseline(results: list[dict]) -> list[dict]:
             if base["n_seeds"] > 1 and row["n_seeds"] > 1:
                 noise = 2 * math.sqrt(base[f"{key}_std"] ** 2 / base["n_seeds"]
                                       + row[f"{key}_std"] ** 2 / row["n_seeds"])
+            pairs = np.array([by_seed[(row["method"], s)][key] - by_seed[(base["method"], s)][key]
+                              for (m, s) in by_seed if m == row["method"] and (base["method"], s) in by_seed
+                              and by_seed[(m, s)].get(key) is not None
+                              and by_seed[(base["method"], s)].get(key) is not None], dtype=float)
+            paired_noise = 2 * float(pairs.std(ddof=1)) / math.sqrt(len(pairs)) if len(pairs) > 1 else None
+            paired = float(pairs.mean()) if len(pairs) else None
             out.append({"method": row["method"], "baseline": base["method"], "metric": key,
                         "difference": b - a, "noise": noise,
-                        "exceeds": None if noise is None else abs(b - a) > noise})
+                        "exceeds": None if noise is None else abs(b - a) > noise,
+                        "paired_seeds": len(pairs), "paired_difference": paired, "paired_noise": paired_noise,
+                        "paired_exceeds": None if paired_noise is None else abs(paired) > paired_noise,
+                        "paired_higher": int((pairs > 0).sum())})
     return out
 
 
 def _differences_table(results: list[dict]) -> str:
     digits = {key: d for key, _, d in _DIFF_KEYS}
     labels = {key: label for key, label, _ in _DIFF_KEYS}
+    yes_no = lambda flag: "—" if flag is None else ("yes" if flag else "no")  # noqa: E731
     rows = [[d["method"], labels[d["metric"]], f"{d['difference']:+.{digits[d['metric']]}f}",
-             _fmt(d["noise"], digits[d["metric"]]),
-             "—" if d["exceeds"] is None else ("yes" if d["exceeds"] else "no")]
+             _fmt(d["noise"], digits[d["metric"]]), yes_no(d["exceeds"]),
+             "—" if d["paired_difference"] is None else
+             f"{d['paired_difference']:+.{digits[d['metric']]}f} ± {_fmt(d['paired_noise'], digits[d['metric']])}",
+             yes_no(d["paired_exceeds"]), f"{d['paired_higher']} of {d['paired_seeds']}"]
             for d in differences_from_baseline(results)]
-    return _markdown_table(["method", "metric", "difference", "seed noise (2 SE)", "exceeds noise"], rows)
+    return _markdown_table(["method", "metric", "difference", "seed noise (2 SE)", "exceeds noise",
+                            "same-seed difference ± 2 SE", "exceeds", "higher in"], rows)
+
+
+def demo_summary(results: list[dict]) -> str:
+    """Plain lines for ``moe-balance demo``: each method's balance against the first method's as
+    ratios, and the perplexity difference, with what one run can and cannot show."""
+    rows = aggregate(results)
+    base, lines = rows[0], []
+    for row in rows[1:]:
+        lines.append(f"{row['method']} against {base['method']} ({row['n_seeds']} seed(s), this machine):")
+        for key, label, digits in _DIFF_KEYS:
+            a, b = base.get(f"{key}_mean"), row.get(f"{key}_mean")
+            if a is None or b is None:
+                continue
+            if key == "val_ppl":
+                verdict = f"{b - a:+.{digits}f}"
+            elif b < a:
+                verdict = f"{a / b:.1f}x lower" if b > 0 else "lower"
+            elif b > a:
+                verdict = f"{b / a:.1f}x higher" if a > 0 else "higher"
+            else:
+                verdict = "equal"
+            lines.append(f"  {label:<14} {b:.{digits}f} vs {a:.{digits}f}  ({verdict})")
+    if min(r["n_seeds"] for r in rows) < 2:
+        lines.append("One seed on one machine: compare it with the README's multi-seed tables, not with their "
+                     "means; a single run's perplexity can fall well outside their spread.")
+    return "\n".join(lines)
 
 
 def _per_run_table(results: list[dict]) -> str:
@@ -590,7 +638,9 @@ def _report_markdown(results: list[dict], plots: dict[str, Path], meta: dict) ->
         + ("\n\n" + LEAK_NOTE if any(r.get("leaks_future") for r in results) else ""),
         "### Differences from the first method",
         "Difference of the seed means; it exceeds the seed noise when larger than twice its "
-        "standard error.\n\n" + _differences_table(results),
+        "standard error. The same-seed columns compare runs of the same seed (same initial weights "
+        "and batch order): the mean of the per-seed differences with twice its standard error, and "
+        "in how many seeds the method's value was the higher one.\n\n" + _differences_table(results),
         "### Per run",
         _per_run_table(results),
     ]
