@@ -246,10 +246,9 @@ def differences_from_baseline(results: list[dict]) -> list[dict]:
             if base["n_seeds"] > 1 and row["n_seeds"] > 1:
                 noise = 2 * math.sqrt(base[f"{key}_std"] ** 2 / base["n_seeds"]
                                       + row[f"{key}_std"] ** 2 / row["n_seeds"])
-            pairs = np.array([by_seed[(row["method"], s)][key] - by_seed[(base["method"], s)][key]
-                              for (m, s) in by_seed if m == row["method"] and (base["method"], s) in by_seed
-                              and by_seed[(m, s)].get(key) is not None
-                              and by_seed[(base["method"], s)].get(key) is not None], dtype=float)
+            both = [(by_seed[(row["method"], s)].get(key), by_seed[(base["method"], s)].get(key))
+                    for (m, s) in by_seed if m == row["method"] and (base["method"], s) in by_seed]
+            pairs = np.array([x - y for x, y in both if x is not None and y is not None], dtype=float)
             paired_noise = 2 * float(pairs.std(ddof=1)) / math.sqrt(len(pairs)) if len(pairs) > 1 else None
             paired = float(pairs.mean()) if len(pairs) else None
             out.append({"method": row["method"], "baseline": base["method"], "metric": key,
