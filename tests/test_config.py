@@ -47,6 +47,8 @@ def test_router_config_errors(kwargs, match):
     (lambda: LossFree(center="yes"), r"LossFree.center='yes' must be True or False"),
     (lambda: LossFree(max_gain=True), r"LossFree.max_gain=True must be a number in \(0, 1\]"),
     (lambda: LossFree(freeze_after_steps=False), r"freeze_after_steps=False must be an integer >= 0"),
+    (lambda: LossFree(start_after_steps=-3), r"start_after_steps=-3 must be an integer >= 0"),
+    (lambda: LossFree(start_after_steps=2.5), r"start_after_steps=2.5 must be an integer >= 0"),
     (lambda: AuxLoss(coeff=True), r"AuxLoss.coeff=True must be a finite number >= 0"),
     (lambda: ZLoss(coeff=False), r"ZLoss.coeff=False must be a finite number >= 0"),
     (lambda: AuxLoss(coeff=-1.0), r"AuxLoss.coeff=-1.0 must be a finite number >= 0"),

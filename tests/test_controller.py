@@ -134,6 +134,40 @@ def test_adaptive_first_update_hand_computed():
     torch.testing.assert_close(layer.balancers[0].innovation_mean, (1 - spec.smoothing) * innovation)  # EMA from 0
 
 
+@pytest.mark.parametrize("rule", ["adaptive", "sign"])
+def test_start_after_steps_holds_the_bias_then_starts_fresh(rule):
+    """The held updates leave the bias at its start value and drop their counts (and margins);
+    the first real update is then exactly a fresh controller's first update on its step, with
+    the adaptive gain's history starting there (its EMA correction counts from 1)."""
+    x_held = torch.tensor([[3.0, 0, 0]] * 4)  # every token to expert 0: a collapse
+    x = torch.tensor([[2.0, 1, 0], [2, 0, 1], [1, 2, 0], [3, 0, 0]])
+    spec = LossFree(rule=rule, update_rate=0.1, max_step=1.0, max_gain=0.5)
+    held = identity_layer(LossFree(rule=rule, update_rate=0.1, max_step=1.0, max_gain=0.5, start_after_steps=2))
+    fresh = identity_layer(spec)
+    for _ in range(2):
+        train_step(held, x_held)
+        update_balancers(held)
+        assert held.expert_bias.tolist() == [0.0, 0.0, 0.0]
+        assert held.balancers[0].pending_counts.sum() == 0
+    assert int(held.balancers[0].num_updates) == 2
+    train_step(held, x)
+    train_step(fresh, x)
+    update_balancers(held)
+    update_balancers(fresh)
+    assert held.expert_bias.abs().sum() > 0
+    torch.testing.assert_close(held.expert_bias, fresh.expert_bias, rtol=0, atol=0)
+    if rule == "adaptive":
+        for name in ("innovation_mean", "innovation_square"):
+            torch.testing.assert_close(getattr(held.balancers[0], name), getattr(fresh.balancers[0], name),
+                                       rtol=0, atol=0)
+    # and the second real update too: the gain's bias correction counts from the first real one
+    train_step(held, x_held)
+    train_step(fresh, x_held)
+    update_balancers(held)
+    update_balancers(fresh)
+    torch.testing.assert_close(held.expert_bias, fresh.expert_bias, rtol=0, atol=0)
+
+
 def test_trust_error_gives_full_steps_to_an_expert_that_just_became_overloaded():
     """After an update in which expert 0 was under-loaded, a batch that overloads it: its
     innovation flips sign, so the noise gain is small, but its load error (2.0) is far above

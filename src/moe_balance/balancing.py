@@ -288,8 +288,10 @@ class LossFreeBalancer(Balancer):
         if int(counts_E.sum()) == 0:
             return
         spec = self.spec
-        frozen = spec.freeze_after_steps is not None and int(self.num_updates) >= spec.freeze_after_steps
-        if not frozen:
+        done = int(self.num_updates)
+        frozen = spec.freeze_after_steps is not None and done >= spec.freeze_after_steps
+        held = done < spec.start_after_steps  # the bias keeps its start value; these counts are dropped
+        if not frozen and not held:
             load_E = counts_E.double()
             # each expert's target load: the mean, or its share of the step's assignments
             target_E = load_E.mean() if self.target_share is None else \
@@ -299,7 +301,7 @@ class LossFreeBalancer(Balancer):
                 innovation_E = controller.newton_step(counts_E, hist, self.margin_edges, 1.0, spec.max_step,
                                                       target_E=target_E)
                 gain_E = controller.adaptive_gain(
-                    innovation_E, self.innovation_mean, self.innovation_square, int(self.num_updates) + 1,
+                    innovation_E, self.innovation_mean, self.innovation_square, done - spec.start_after_steps + 1,
                     smoothing=spec.smoothing, min_gain=spec.min_gain, max_gain=spec.max_gain)
                 # far from balance, trust the step whatever the noise estimate says: an expert
                 # that just became the overloaded one has a history of the opposite sign

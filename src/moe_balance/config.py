@@ -206,7 +206,11 @@ class LossFree:
     never flips the order of scores). ``center`` re-centres after each update (additive:
     subtract the mean; multiplicative: divide by it), since only relative biases matter.
     ``freeze_after_steps`` stops updating after that many updates (DeepSeek-V3 sets u = 0 for
-    the end of training).
+    the end of training). ``start_after_steps`` holds the bias at its start value for that many
+    updates (their counts are discarded), then every rule starts as if fresh. Training from
+    scratch, the first tens of steps collapse every token onto a few experts whatever the bias
+    does; chasing that collapse with large bias moves cost the quick preset's adaptive runs
+    perplexity without balancing them, so the harness's ``loss_free_adaptive`` holds for 50 steps.
 
     ``zero_computation_share`` (layers with MoE++ zero-computation experts only): the fraction of
     all assignments the zero-computation experts should take together, split equally among
@@ -228,6 +232,7 @@ class LossFree:
     trust_error: float = 0.5
     center: bool = False
     freeze_after_steps: int | None = None
+    start_after_steps: int = 0
     zero_computation_share: float | None = None
     balance: str = "tokens"
 
@@ -256,6 +261,7 @@ class LossFree:
             raise ValueError(f"LossFree.max_step={self.max_step!r} must be a finite number > 0")
         if self.freeze_after_steps is not None:
             _positive_int("LossFree", "freeze_after_steps", self.freeze_after_steps, minimum=0)
+        _positive_int("LossFree", "start_after_steps", self.start_after_steps, minimum=0)
 
 
 @dataclass(frozen=True, kw_only=True)
