@@ -28,7 +28,14 @@ def test_every_method_builds_a_working_layer(name):
     assert (out.aux_loss.item() == 0.0) == all(s.coeff == 0 for s in loss_specs)
     (out.y.square().mean() + out.aux_loss).backward()
     assert torch.isfinite(x.grad).all() and layer.router.weight.grad is not None
+    start = None if layer.expert_bias is None else layer.expert_bias.clone()
     update_balancers(layer)
+    held = max((s.start_after_steps for s in method.balancers if isinstance(s, LossFree)), default=0)
+    for _ in range(held):  # a held bias stays at its start; the next update moves it
+        assert torch.equal(layer.expert_bias, start)
+        out = layer(x)
+        (out.y.square().mean() + out.aux_loss).backward()
+        update_balancers(layer)
     if any(isinstance(s, LossFree) for s in method.balancers):
         assert layer.expert_bias.abs().sum() > 0
 
@@ -80,15 +87,20 @@ def test_sweeps_hold_the_papers_values():
 
 
 def test_controller_and_form_recipes():
-    assert get_method("loss_free_adaptive").balancers == (LossFree(rule="adaptive"),)
+    # from scratch the adaptive controller holds the bias for 50 steps; its ablation does not
+    assert get_method("loss_free_adaptive").balancers == (LossFree(rule="adaptive", start_after_steps=50),)
+    assert get_method("loss_free_adaptive_nohold").balancers == (LossFree(rule="adaptive"),)
     assert get_method("loss_free_mult").balancers == (LossFree(update_rate=1e-3, form="multiplicative"),)
-    assert get_method("loss_free_adaptive_mult").balancers == (LossFree(rule="adaptive", form="multiplicative"),)
+    assert get_method("loss_free_adaptive_mult").balancers == (
+        LossFree(rule="adaptive", form="multiplicative", start_after_steps=50),)
     assert get_method("loss_free").balancers == (LossFree(update_rate=1e-3, rule="sign"),)  # the paper's, unchanged
-    rules = [(m.balancers[0].rule, getattr(m.balancers[0], "update_rate", None))
+    rules = [(m.balancers[0].rule, getattr(m.balancers[0], "update_rate", None), m.balancers[0].start_after_steps)
              for m in SWEEPS["controller"][1:]]
-    assert rules == [("sign", 1e-4), ("sign", 1e-3), ("sign", 1e-2), ("error", 1e-3), ("adaptive", 1e-3)]
+    assert rules == [("sign", 1e-4, 0), ("sign", 1e-3, 0), ("sign", 1e-2, 0), ("error", 1e-3, 0),
+                     ("adaptive", 1e-3, 50), ("adaptive", 1e-3, 0)]
     assert SWEEPS["controller"][0].balancers == (AuxLoss(coeff=1e-3),)
-    assert [m.name for m in SWEEPS["controller"]][::2] == ["aux_loss", "loss_free", "loss_free_error"]
+    assert [m.name for m in SWEEPS["controller"]][::2] == ["aux_loss", "loss_free", "loss_free_error",
+                                                          "loss_free_adaptive_nohold"]
     assert [m.balancers[0].form for m in SWEEPS["form"]] == ["additive", "multiplicative"] * 2
 
 
