@@ -40,7 +40,7 @@ def test_sweep_runs_the_papers_ablations():
     assert _sweep_methods("aux_coeff") == ["aux_loss_1e-2", "aux_loss_1e-3", "aux_loss_1e-4", "aux_loss_0"]
     assert _sweep_methods("controller") == ["aux_loss", "loss_free_u1e-4", "loss_free",
                                             "loss_free_u1e-2", "loss_free_error", "loss_free_adaptive",
-                                            "loss_free_adaptive_nohold"]
+                                            "loss_free_adaptive_nohold", "loss_free_adaptive_s09"]
     assert _sweep_methods("form") == ["loss_free_u1e-3", "loss_free_mult", "loss_free_adaptive",
                                       "loss_free_adaptive_mult"]
     assert _sweep_methods("routers") == ["aux_loss", "loss_free_adaptive", "expert_choice", "top_p",
@@ -49,7 +49,7 @@ def test_sweep_runs_the_papers_ablations():
                                          "hmoe", "hmoe_loss_free"]
     everything = _sweep_methods("all")
     # each recipe once: aux_loss == aux_loss_1e-3 and loss_free == loss_free_u1e-3
-    assert len(everything) == len(set(everything)) == 21
+    assert len(everything) == len(set(everything)) == 22
     assert "aux_loss" not in everything and "loss_free_u1e-3" not in everything  # first name kept
 
 

@@ -87,20 +87,25 @@ def test_sweeps_hold_the_papers_values():
 
 
 def test_controller_and_form_recipes():
-    # from scratch the adaptive controller holds the bias for 50 steps; its ablation does not
-    assert get_method("loss_free_adaptive").balancers == (LossFree(rule="adaptive", start_after_steps=50),)
-    assert get_method("loss_free_adaptive_nohold").balancers == (LossFree(rule="adaptive"),)
+    # from scratch the adaptive controller holds the bias for 50 steps and uses a faster gain than
+    # the library's default; one ablation does not hold, the other keeps the library's gain
+    assert get_method("loss_free_adaptive").balancers == (LossFree(rule="adaptive", start_after_steps=50,
+                                                                   smoothing=0.7),)
+    assert get_method("loss_free_adaptive_nohold").balancers == (LossFree(rule="adaptive", smoothing=0.7),)
+    assert get_method("loss_free_adaptive_s09").balancers == (LossFree(rule="adaptive", start_after_steps=50),)
+    assert LossFree().smoothing == 0.9  # the library's default is unchanged
     assert get_method("loss_free_mult").balancers == (LossFree(update_rate=1e-3, form="multiplicative"),)
     assert get_method("loss_free_adaptive_mult").balancers == (
-        LossFree(rule="adaptive", form="multiplicative", start_after_steps=50),)
+        LossFree(rule="adaptive", form="multiplicative", start_after_steps=50, smoothing=0.7),)
     assert get_method("loss_free").balancers == (LossFree(update_rate=1e-3, rule="sign"),)  # the paper's, unchanged
-    rules = [(m.balancers[0].rule, getattr(m.balancers[0], "update_rate", None), m.balancers[0].start_after_steps)
-             for m in SWEEPS["controller"][1:]]
-    assert rules == [("sign", 1e-4, 0), ("sign", 1e-3, 0), ("sign", 1e-2, 0), ("error", 1e-3, 0),
-                     ("adaptive", 1e-3, 50), ("adaptive", 1e-3, 0)]
+    rules = [(m.balancers[0].rule, m.balancers[0].update_rate, m.balancers[0].start_after_steps,
+              m.balancers[0].smoothing) for m in SWEEPS["controller"][1:]]
+    assert rules == [("sign", 1e-4, 0, 0.9), ("sign", 1e-3, 0, 0.9), ("sign", 1e-2, 0, 0.9), ("error", 1e-3, 0, 0.9),
+                     ("adaptive", 1e-3, 50, 0.7), ("adaptive", 1e-3, 0, 0.7), ("adaptive", 1e-3, 50, 0.9)]
     assert SWEEPS["controller"][0].balancers == (AuxLoss(coeff=1e-3),)
     assert [m.name for m in SWEEPS["controller"]][::2] == ["aux_loss", "loss_free", "loss_free_error",
                                                           "loss_free_adaptive_nohold"]
+    assert SWEEPS["controller"][-1].name == "loss_free_adaptive_s09"
     assert [m.balancers[0].form for m in SWEEPS["form"]] == ["additive", "multiplicative"] * 2
 
 

@@ -210,7 +210,9 @@ class LossFree:
     updates (their counts are discarded), then every rule starts as if fresh. Training from
     scratch, the first tens of steps collapse every token onto a few experts whatever the bias
     does; chasing that collapse with large bias moves cost the quick preset's adaptive runs
-    perplexity without balancing them, so the harness's ``loss_free_adaptive`` holds for 50 steps.
+    perplexity without balancing them, so the harness's ``loss_free_adaptive`` holds for 50 steps
+    (and uses ``smoothing=0.7``, which balanced each batch better there than 0.9; the library's
+    defaults, 0 and 0.9, suit a router that is already trained).
 
     ``zero_computation_share`` (layers with MoE++ zero-computation experts only): the fraction of
     all assignments the zero-computation experts should take together, split equally among

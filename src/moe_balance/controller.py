@@ -34,8 +34,8 @@ quickly, and (c) average batch noise instead of chasing it. Per expert i, after 
 5. **Update**: b_i += g_i * y_i - mean_j(g_j * y_j). Removing the common mode changes no
    selection (top-K ignores a shift shared by all experts) and keeps the biases centred.
 6. **Start** (``LossFree.start_after_steps``, 0 by default, 50 in the harness's
-   ``loss_free_adaptive``): the bias stays at its start for that many updates, and the moving
-   averages start with the first real one.
+   ``loss_free_adaptive``, which also sets ``smoothing=0.7``): the bias stays at its start for
+   that many updates, and the moving averages start with the first real one.
 
 **Causality.** The bias used for a batch comes from earlier batches only: the histograms are
 taken in the step's forward passes and used by ``update()`` after the optimizer step, for the
