@@ -199,13 +199,19 @@ def test_demo_summary_gives_ratios_and_says_one_seed_is_not_a_measurement():
     assert lines[3].split()[-2:] == ["(1.5x", "higher)"] and len(lines) == 4
 
 
+def test_balance_steps_say_how_many_seeds_reached_it():
+    assert report._fmt_balance_steps([None, None]) == "never (2/2 seeds)"
+    assert report._fmt_balance_steps([254, None, 220, 265, None]) == "3/5 seeds, from 220 (mean 246)"
+    assert report._fmt_balance_steps([40, 60]) == "50 ± 14"
+
+
 def test_format_table():
     table = report.format_table(_rows())
     lines = table.splitlines()
     assert lines[0] == ("| method | val PPL | experts/token | MaxVio_global | static floor | shift floor | MaxVio_train | "
                         "MaxVio_batch | batch floor | steps to balance | late std | seeds |")
     assert len(lines) == 2 + 2  # header, separator, one row per method
-    assert "| aux_loss | 11.00 ± 1.41 | — | 0.700 ± 0.141 | — | — | — | 1.500 ± 0.707 | — | 90; never in 1/2 | — | 2 |" in lines
+    assert "| aux_loss | 11.00 ± 1.41 | — | 0.700 ± 0.141 | — | — | — | 1.500 ± 0.707 | — | 1/2 seeds, at 90 | — | 2 |" in lines
     assert "| loss_free | 9.00 | — | 0.050 | 0.010 | 0.030 | 0.040 | 0.200 | 0.150 | 40 | 0.050 | 1 |" in lines
 
 

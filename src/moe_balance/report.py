@@ -173,12 +173,16 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _fmt_balance_steps(values: list) -> str:
-    """Mean ± std of the steps to balance, or how many seeds never balanced."""
+    """Mean ± std of the steps to balance; when some seeds never balanced, how many did, from
+    which step at the earliest and at which on average."""
     reached = np.array([v for v in values if v is not None], dtype=float)
     never = len(values) - len(reached)
     if never:
-        return f"never ({never}/{len(values)} seeds)" if not len(reached) else \
-            f"{reached.mean():.0f}; never in {never}/{len(values)}"
+        if not len(reached):
+            return f"never ({never}/{len(values)} seeds)"
+        if len(reached) == 1:
+            return f"1/{len(values)} seeds, at {reached[0]:.0f}"
+        return f"{len(reached)}/{len(values)} seeds, from {reached.min():.0f} (mean {reached.mean():.0f})"
     if len(reached) > 1:
         return f"{reached.mean():.0f} ± {reached.std(ddof=1):.0f}"
     return f"{reached[0]:.0f}"
