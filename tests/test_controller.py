@@ -1,6 +1,8 @@
 """The adaptive Loss-Free controller and the multiplicative bias: hand-computed first steps,
 causality, convergence on a drifting router, and the static-bias solver."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -142,7 +144,7 @@ def test_start_after_steps_holds_the_bias_then_starts_fresh(rule):
     x_held = torch.tensor([[3.0, 0, 0]] * 4)  # every token to expert 0: a collapse
     x = torch.tensor([[2.0, 1, 0], [2, 0, 1], [1, 2, 0], [3, 0, 0]])
     spec = LossFree(rule=rule, update_rate=0.1, max_step=1.0, max_gain=0.5)
-    held = identity_layer(LossFree(rule=rule, update_rate=0.1, max_step=1.0, max_gain=0.5, start_after_steps=2))
+    held = identity_layer(dataclasses.replace(spec, start_after_steps=2))
     fresh = identity_layer(spec)
     for _ in range(2):
         train_step(held, x_held)

@@ -264,15 +264,18 @@ def differences_from_baseline(results: list[dict]) -> list[dict]:
     return out
 
 
+def _yes_no(flag: bool | None) -> str:
+    return "—" if flag is None else ("yes" if flag else "no")
+
+
 def _differences_table(results: list[dict]) -> str:
     digits = {key: d for key, _, d in _DIFF_KEYS}
     labels = {key: label for key, label, _ in _DIFF_KEYS}
-    yes_no = lambda flag: "—" if flag is None else ("yes" if flag else "no")  # noqa: E731
     rows = [[d["method"], labels[d["metric"]], f"{d['difference']:+.{digits[d['metric']]}f}",
-             _fmt(d["noise"], digits[d["metric"]]), yes_no(d["exceeds"]),
+             _fmt(d["noise"], digits[d["metric"]]), _yes_no(d["exceeds"]),
              "—" if d["paired_difference"] is None else
              f"{d['paired_difference']:+.{digits[d['metric']]}f} ± {_fmt(d['paired_noise'], digits[d['metric']])}",
-             yes_no(d["paired_exceeds"]), f"{d['paired_higher']} of {d['paired_seeds']}"]
+             _yes_no(d["paired_exceeds"]), f"{d['paired_higher']} of {d['paired_seeds']}"]
             for d in differences_from_baseline(results)]
     return _markdown_table(["method", "metric", "difference", "seed noise (2 SE)", "exceeds noise",
                             "same-seed difference ± 2 SE", "exceeds", "higher in"], rows)
