@@ -2,8 +2,8 @@
 
 import pytest
 
-from moe_balance.cli import _sweep_methods, build_parser, main
-from moe_balance.methods import list_methods
+from moe_balance.harness.cli import _sweep_methods, build_parser, main
+from moe_balance.harness.methods import list_methods
 
 
 def test_methods_lists_every_registered_method(capsys):
@@ -63,7 +63,7 @@ def test_flags_are_typed_against_the_config_fields():
 
 
 def test_none_overrides_a_preset_value_and_absent_flags_keep_it():
-    from moe_balance.cli import _config_from_args
+    from moe_balance.harness.cli import _config_from_args
 
     parser = build_parser()
     kept = _config_from_args(parser.parse_args(["train", "--out", "o", "--preset", "tiny"]))
@@ -98,7 +98,7 @@ def test_ordinary_mistakes_give_one_line_not_a_traceback(tmp_path, capsys):
 def test_debug_shows_the_traceback(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    from moe_balance._files import RunDirectoryError
+    from moe_balance.harness._files import RunDirectoryError
 
     with pytest.raises(RunDirectoryError):
         main(["--debug", "train", "--preset", "tiny", "--out", str(a_file)])
@@ -117,7 +117,7 @@ def test_ctrl_c_says_where_training_stopped_and_how_to_continue(tmp_path):
     corpus.mkdir()
     for i in range(8):
         (corpus / f"f{i}.txt").write_text(" ".join(f"word{j % 50}" for j in range(i, 3000 + i)))
-    cmd = [sys.executable, "-m", "moe_balance.cli", "train", "--preset", "tiny", "--out", str(out),
+    cmd = [sys.executable, "-m", "moe_balance.harness.cli", "train", "--preset", "tiny", "--out", str(out),
            "--data", str(corpus), "--vocab-size", "300", "--cache-dir", str(tmp_path / "cache"),
            "--steps", "100000", "--checkpoint-every", "0", "--max-train-tokens", "none"]
     # SIG_DFL in the child: a shell's background job (e.g. `make test &`) inherits SIGINT

@@ -1,4 +1,4 @@
-"""Tests for moe_balance.data: document loading, splitting, tokenization cache, window sampling."""
+"""Tests for moe_balance.harness.data: document loading, splitting, tokenization cache, window sampling."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from moe_balance import data
-from moe_balance.data import (
+from moe_balance.harness import data
+from moe_balance.harness.data import (
     EOT,
     Document,
     load_documents,
@@ -22,7 +22,7 @@ from moe_balance.data import (
     split_documents,
     train_tokenizer,
 )
-from moe_balance.sampling import BatchSampler
+from moe_balance.harness.sampling import BatchSampler
 
 WORDS = "the quick brown fox jumps over a lazy dog while wizards quietly hex jolly kings".split()
 
@@ -429,7 +429,7 @@ def test_a_models_own_tokenizer_file_is_used_instead_of_training_one(tmp_path):
     """moe-balance finetune tokenizes with the checkpoint's tokenizer.json when it has one."""
     import tokenizers
 
-    from moe_balance.data import prepare_corpus
+    from moe_balance.harness.data import prepare_corpus
 
     corpus_dir = tmp_path / "corpus"
     corpus_dir.mkdir()

@@ -12,12 +12,12 @@ import torch
 
 from moe_balance.config import ParameterPenalty
 from moe_balance import AuxLoss, LossFree, MoE, MoEConfig, RouterConfig
-from moe_balance._files import RunDirectoryError, exclusive_lock
-from moe_balance.checkpoint import (CheckpointError, checkpoint_path, latest_valid_checkpoint, load_checkpoint,
+from moe_balance.harness._files import RunDirectoryError, exclusive_lock
+from moe_balance.harness.checkpoint import (CheckpointError, checkpoint_path, latest_valid_checkpoint, load_checkpoint,
                                     save_checkpoint)
-from moe_balance.cli import main
-from moe_balance.data import load_documents
-from moe_balance.train import TrainConfig, _check_same_config, train, train_config
+from moe_balance.harness.cli import main
+from moe_balance.harness.data import load_documents
+from moe_balance.harness.train import TrainConfig, _check_same_config, train, train_config
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 ROW = re.compile(r"^\| `(?P<case>[a-z0-9-]+)` \|.*\| (?P<seen>[^|]*) \|$")

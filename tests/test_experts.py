@@ -126,7 +126,7 @@ def test_unpermute_accumulates_in_float32():
 
 
 def test_bench_rows_are_ratios_to_the_dense_reference_of_the_same_run():
-    from moe_balance.bench import auto_choice, bench, parse_shape
+    from moe_balance.harness.bench import auto_choice, bench, parse_shape
 
     shape = parse_shape("16,8,4,2,1")  # d 16, hidden 8, 4 experts, top-2, 1 shared
     assert shape.active_rows == 3
@@ -146,7 +146,7 @@ def test_bench_rows_are_ratios_to_the_dense_reference_of_the_same_run():
 
 
 def test_bench_counts_the_bytes_saved_for_backward_once_per_storage():
-    from moe_balance.bench import _saved_bytes
+    from moe_balance.harness.bench import _saved_bytes
 
     x = torch.randn(100, 10)
     assert _saved_bytes(lambda t: t.exp(), x) == 100 * 10 * 4  # exp saves its result
@@ -156,7 +156,7 @@ def test_bench_counts_the_bytes_saved_for_backward_once_per_storage():
 
 def test_the_combine_saves_the_outputs_gates_and_ids_only():
     """One (A, D) tensor: (y * w).index_add would also keep the product for its backward."""
-    from moe_balance.bench import _saved_bytes
+    from moe_balance.harness.bench import _saved_bytes
     from moe_balance.dispatch import _WeightedCombine
 
     A, D, T = 12, 8, 5
@@ -240,7 +240,7 @@ def test_row_products_equal_the_plain_float32_formulas_bit_for_bit(monkeypatch, 
 
 def test_fused_path_keeps_no_expert_outputs_for_the_backward():
     """Exactly one (A, D) tensor fewer than the grouped experts followed by the combine."""
-    from moe_balance.bench import _saved_bytes
+    from moe_balance.harness.bench import _saved_bytes
     from moe_balance.dispatch import weighted_combine
 
     experts, counts, ids, x, w, T = _fused_case(torch.float32)
@@ -252,8 +252,8 @@ def test_fused_path_keeps_no_expert_outputs_for_the_backward():
 def test_bench_shapes_and_json(capsys):
     import json
 
-    from moe_balance.bench import SHAPES, parse_shape
-    from moe_balance.cli import main
+    from moe_balance.harness.bench import SHAPES, parse_shape
+    from moe_balance.harness.cli import main
 
     assert parse_shape("Bs") == SHAPES["Bs"] and SHAPES["Bs"].shared == 1
     for bad in ("C", "1,2,3", "16,8,4,5", "a,b,c,d"):
@@ -315,7 +315,7 @@ def test_auto_falls_back_to_bmm_where_grouped_mm_cannot_run(monkeypatch, d_model
     """Every device-dependent choice of expert_impl="auto", checked on the CPU (the GPU takes
     the same decisions from the same probe and alignment rule)."""
     import moe_balance.experts as ex
-    from moe_balance.bench import Shape, auto_choice
+    from moe_balance.harness.bench import Shape, auto_choice
 
     experts = SwiGLUExperts(4, d_model, 8).to(dtype)
     monkeypatch.setitem(ex._GROUPED_MM_SUPPORT, ("cpu", dtype), supported)

@@ -13,8 +13,8 @@ from moe_balance.config import ParameterPenalty
 from moe_balance.experts import HeterogeneousSwiGLUExperts, grouped_mm_supported
 from moe_balance.metrics import max_vio
 from moe_balance.config import heterogeneous_widths
-from moe_balance.model import MoETransformer, model_preset
-from moe_balance.train import compute_metrics, model_config, train_config
+from moe_balance.harness.model import MoETransformer, model_preset
+from moe_balance.harness.train import compute_metrics, model_config, train_config
 
 IMPLS = ["loop", "bmm"] + (["grouped_mm"] if grouped_mm_supported("cpu", torch.float32) else [])
 WIDTHS = (8, 24, 16, 8, 32)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from moe_balance import AuxLoss, LossFree, MoE, RouterConfig, ZLoss, update_balancers
-from moe_balance import methods
-from moe_balance.methods import SWEEPS, Method, get_method, list_methods, register_method
+from moe_balance.harness import methods
+from moe_balance.harness.methods import SWEEPS, Method, get_method, list_methods, register_method
 
 LAYER = dict(d_model=16, num_experts=8, top_k=2, expert_hidden_size=8, num_shared_experts=1)
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_balance import AuxLoss, LossFree, MoEConfig, RouterConfig, ZLoss, update_balancers
-from moe_balance.model import PRESETS, ModelConfig, MoETransformer, dense_ffn_width, model_preset
+from moe_balance.harness.model import PRESETS, ModelConfig, MoETransformer, dense_ffn_width, model_preset
 
 
 def tiny(balancers=(), **overrides):

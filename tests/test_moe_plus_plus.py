@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 from moe_balance import AuxLoss, LossFree, MoE, MoEConfig, RouterConfig
 from moe_balance.balancing import switch_loss_from_counts, update_balancers
-from moe_balance.methods import get_method
+from moe_balance.harness.methods import get_method
 from moe_balance.metrics import max_vio
-from moe_balance.model import MoETransformer, kind_loads, model_preset
-from moe_balance.train import kind_metrics, model_config, train_config
+from moe_balance.harness.model import MoETransformer, kind_loads, model_preset
+from moe_balance.harness.train import kind_metrics, model_config, train_config
 
 
 def one_of_each(**kw) -> MoE:

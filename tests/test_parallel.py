@@ -309,7 +309,7 @@ def test_layers_expert_parallelism_cannot_shard_are_refused():
 
 def training_worker(rank, world, port, results, data, cache, out):
     """The harness itself (train) on 2 ranks; rank 1 dies after step 3."""
-    from moe_balance.train import train, train_config
+    from moe_balance.harness.train import train, train_config
 
     init(rank, world, port, timeout=10)
     groups = init_parallel(2, timeout=datetime.timedelta(seconds=10))

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from moe_balance.checkpoint import load_checkpoint
+from moe_balance.harness.checkpoint import load_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from moe_balance.cli import main
+from moe_balance.harness.cli import main
 from moe_balance.placement import contiguous_placement, exact_placement, greedy_placement, plan_placement
 
 

@@ -1,4 +1,4 @@
-"""Tests for moe_balance.report on hand-made run directories."""
+"""Tests for moe_balance.harness.report on hand-made run directories."""
 
 import json
 import math
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_balance import report
+from moe_balance.harness import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N_LAYERS, N_EXPERTS = 2, 4

@@ -19,9 +19,9 @@ from moe_balance.balancing import dynamic_loss, expert_counts, sequence_aux_loss
 from moe_balance.config import DynamicLoss
 from moe_balance.controller import flip_margins, solve_static_bias
 from moe_balance.experts import grouped_mm_supported
-from moe_balance.methods import Method, get_method
+from moe_balance.harness.methods import Method, get_method
 from moe_balance.metrics import max_vio
-from moe_balance.model import MoETransformer, model_preset
+from moe_balance.harness.model import MoETransformer, model_preset
 from moe_balance.routing import (ROUTERS, CausalLeakWarning, ExpertChoiceRouter, GroupedRouter, RoutingDecision,
                                  TopKRouter, TopPRouter, build_router, capacity, mask_to_slots, slots_to_mask,
                                  sort_assignments)

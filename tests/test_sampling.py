@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from moe_balance.data import TokenSplit
-from moe_balance.sampling import BatchSampler, eval_windows
+from moe_balance.harness.data import TokenSplit
+from moe_balance.harness.sampling import BatchSampler, eval_windows
 
 
 def _arange_split(n: int = 1000, boundary: int = 500) -> TokenSplit:

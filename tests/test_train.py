@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from moe_balance.checkpoint import list_checkpoints, load_checkpoint
-from moe_balance.cli import main
-from moe_balance.data import prepare_corpus
-from moe_balance.train import TrainConfig, compare, lr_factor, train, train_config
+from moe_balance.harness.checkpoint import list_checkpoints, load_checkpoint
+from moe_balance.harness.cli import main
+from moe_balance.harness.data import prepare_corpus
+from moe_balance.harness.train import TrainConfig, compare, lr_factor, train, train_config
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
          "sigma tau upsilon phi chi psi omega").split()
@@ -249,7 +249,7 @@ def test_resume_after_sigkill_of_the_cli(base, corpus, tmp_path):
 
     steps, every = 30, 5
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "moe_balance.cli", "train", "--preset", "tiny", "--out", str(out),
+    cmd = [sys.executable, "-m", "moe_balance.harness.cli", "train", "--preset", "tiny", "--out", str(out),
            "--data", base.data, "--vocab-size", str(base.vocab_size), "--cache-dir", base.cache_dir,
            "--eval-tokens", str(base.eval_tokens), "--steps", str(steps), "--checkpoint-every", str(every)]
     env = {**os.environ, "TQDM_DISABLE": "1"}
@@ -277,8 +277,8 @@ def test_resume_after_sigkill_of_the_cli(base, corpus, tmp_path):
 def test_grad_accumulation_averages_exactly_the_indexed_micro_batches(base, corpus, tmp_path):
     import dataclasses
 
-    from moe_balance.sampling import BatchSampler
-    from moe_balance.train import build_model
+    from moe_balance.harness.sampling import BatchSampler
+    from moe_balance.harness.train import build_model
 
     cfg = dataclasses.replace(base, steps=1, grad_accum=2, batch_size=4, checkpoint_every=0)
     train(cfg, tmp_path, corpus=corpus, progress=False)
@@ -333,7 +333,7 @@ def _tiny(base, **kw):
 
 
 def test_a_non_empty_run_directory_is_refused_without_resume_or_overwrite(base, corpus, tmp_path):
-    from moe_balance._files import RunDirectoryError
+    from moe_balance.harness._files import RunDirectoryError
 
     train(_tiny(base), tmp_path, corpus=corpus, progress=False)
     before = (tmp_path / "metrics.jsonl").read_text()
@@ -366,10 +366,10 @@ def test_a_locked_run_directory_is_refused_and_a_killed_holder_leaves_no_stale_l
     import subprocess
     import sys
 
-    from moe_balance._files import RunDirectoryError
+    from moe_balance.harness._files import RunDirectoryError
 
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from moe_balance._files import exclusive_lock\n"
+        "import sys, time; from pathlib import Path; from moe_balance.harness._files import exclusive_lock\n"
         "with exclusive_lock(Path(sys.argv[1])):\n"
         "    print('locked', flush=True); time.sleep(60)"), str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
@@ -412,7 +412,7 @@ def test_resume_skips_a_truncated_newest_checkpoint_and_says_so(base, corpus, tm
 
 
 def test_damaged_and_foreign_checkpoints_are_named_with_the_problem(base, corpus, tmp_path):
-    from moe_balance.checkpoint import MAGIC, CheckpointError, latest_valid_checkpoint, save_checkpoint
+    from moe_balance.harness.checkpoint import MAGIC, CheckpointError, latest_valid_checkpoint, save_checkpoint
 
     good = save_checkpoint(tmp_path, 1, {"step": 1, "x": torch.arange(4)})
     assert torch.equal(load_checkpoint(good)["x"], torch.arange(4))
@@ -459,7 +459,7 @@ class _Poison:
     ``where`` "loss" poisons the LM head output, "router" the input of the last block's router."""
 
     def __init__(self, monkeypatch, steps: set[int], where: str):
-        import moe_balance.train as train_module
+        import moe_balance.harness.train as train_module
 
         self.steps, self.where, self.calls = steps, where, 0
         self.model = self.optimizer = None
@@ -515,7 +515,7 @@ def test_skip_policy_leaves_weights_optimizer_and_bias_untouched(base, corpus, t
 
 
 def test_stop_policy_names_the_step_and_the_router_layer(base, corpus, tmp_path, monkeypatch):
-    from moe_balance.train import NonFiniteTraining
+    from moe_balance.harness.train import NonFiniteTraining
 
     _Poison(monkeypatch, steps={3}, where="router")
     with pytest.raises(NonFiniteTraining, match=r"^step 3: layer 1: router logits contain NaN or inf.*"
@@ -525,7 +525,7 @@ def test_stop_policy_names_the_step_and_the_router_layer(base, corpus, tmp_path,
 
 
 def test_skip_policy_gives_up_after_consecutive_skips(base, corpus, tmp_path, monkeypatch):
-    from moe_balance.train import MAX_CONSECUTIVE_SKIPS, NonFiniteTraining
+    from moe_balance.harness.train import MAX_CONSECUTIVE_SKIPS, NonFiniteTraining
 
     _Poison(monkeypatch, steps=set(range(3, 100)), where="router")
     with pytest.raises(NonFiniteTraining, match=rf"step {2 + MAX_CONSECUTIVE_SKIPS}: "
@@ -563,7 +563,7 @@ def _one_layer(bias):
 
 
 def test_batch_floor_is_zero_when_each_window_is_balanced_and_the_final_bias_is_not():
-    from moe_balance.train import batch_balance
+    from moe_balance.harness.train import batch_balance
 
     # every window: one token prefers expert 0, the other expert 1
     scores = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(8, 1)
@@ -573,7 +573,7 @@ def test_batch_floor_is_zero_when_each_window_is_balanced_and_the_final_bias_is_
 
 
 def test_batch_floor_is_the_content_imbalance_of_random_batches():
-    from moe_balance.train import batch_balance
+    from moe_balance.harness.train import batch_balance
 
     # 4 windows whose two tokens both prefer expert 0, then 4 that prefer expert 1: pooled the
     # load is balanced, but a batch of two windows is balanced only when it mixes the kinds
@@ -588,7 +588,7 @@ def test_batch_floor_is_the_content_imbalance_of_random_batches():
 
 
 def test_shift_floor_applies_the_training_windows_best_bias_to_the_validation_set():
-    from moe_balance.train import _best_static_bias, shift_floor
+    from moe_balance.harness.train import _best_static_bias, shift_floor
 
     model = _one_layer([0.0, 0.0])
     layer = model.moe_layers[0]

@@ -213,7 +213,7 @@ def test_trainer_callback_updates_once_per_optimizer_step(tmp_path):
 def test_finetune_command_balances_a_saved_checkpoint(tmp_path, capsys):
     import json
 
-    from moe_balance.cli import main
+    from moe_balance.harness.cli import main
 
     config = transformers.AutoConfig.for_model("qwen3_moe", **{**CONFIGS["qwen3_moe"], "vocab_size": 300})
     torch.manual_seed(0)

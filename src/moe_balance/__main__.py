@@ -1,5 +1,5 @@
 """``python -m moe_balance``, the form torchrun launches: ``torchrun --nproc_per_node=2 -m moe_balance train ...``."""
 
-from .cli import main
+from .harness.cli import main
 
 raise SystemExit(main())

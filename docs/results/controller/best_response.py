@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from moe_balance import balancing, controller
-from moe_balance.report import steps_to_balance
-from moe_balance.train import train, train_config
+from moe_balance.harness.report import steps_to_balance
+from moe_balance.harness.train import train, train_config
 
 _stats, _update = balancing.LossFreeBalancer.routing_stats, balancing.LossFreeBalancer.update
 

@@ -18,8 +18,8 @@ steps 151-300, perplexity, mean ± std over seeds) is written to ``<out>/report.
 import argparse
 import dataclasses
 
-from moe_balance import methods
-from moe_balance.train import compare, train_config
+from moe_balance.harness import methods
+from moe_balance.harness.train import compare, train_config
 
 # Each setting changes only what it names; the rest is the harness's loss_free_adaptive.
 SETTINGS = {

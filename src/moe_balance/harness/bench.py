@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import MoEConfig, RouterConfig
-from .experts import SwiGLU, grouped_mm_supported
-from .moe import MoE
+from ..config import MoEConfig, RouterConfig
+from ..experts import SwiGLU, grouped_mm_supported
+from ..moe import MoE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -212,8 +212,8 @@ def bench(shapes: list[Shape], dtypes: list[str], *, tokens: int = 4096, rounds:
 def router_overhead(shape: Shape, dtype_name: str = "float32", *, tokens: int = 4096, rounds: int = 5) -> float:
     """Router + Loss-Free balancing (scores, biased top-K, sort, counts, the count hook) as a
     fraction of the whole layer's forward+backward, median over interleaved rounds."""
-    from .balancing import update_balancers
-    from .config import LossFree
+    from ..balancing import update_balancers
+    from ..config import LossFree
 
     dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
@@ -254,8 +254,8 @@ def harness_step(preset: str = "quick", *, rounds: int = 5, batch_size: int = 32
     """A training step (forward, backward, AdamW, balancer update) of the preset's MoE model
     against a dense model with the same active parameters: every block dense, its FFN
     (K + S) x the expert width. Tokens per second, median over interleaved rounds."""
-    from .balancing import update_balancers
-    from .config import LossFree
+    from ..balancing import update_balancers
+    from ..config import LossFree
     from .model import MoETransformer, model_preset
 
     moe_config = model_preset(preset, seq_len=seq_len, balancers=(LossFree(),))

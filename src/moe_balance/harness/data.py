@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ._files import atomic_write, temp_sibling
-from ._optional import require
+from .._optional import require
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

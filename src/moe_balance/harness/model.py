@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import BalancerSpec, MoEConfig, RouterConfig, heterogeneous_widths
-from .experts import SwiGLU
-from .moe import EXPERT_KINDS, MoE, kind_loads  # noqa: F401 (EXPERT_KINDS re-exported)
-from .routing import ExpertChoiceRouter
+from ..config import BalancerSpec, MoEConfig, RouterConfig, heterogeneous_widths
+from ..experts import SwiGLU
+from ..moe import EXPERT_KINDS, MoE, kind_loads  # noqa: F401 (EXPERT_KINDS re-exported)
+from ..routing import ExpertChoiceRouter
 
 IGNORE_INDEX = -100
 

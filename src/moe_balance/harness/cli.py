@@ -12,9 +12,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from ._optional import missing_dependency_message
+from .._optional import missing_dependency_message
 from .methods import SWEEPS, list_methods
-from .parallel import launch, shutdown
+from ..parallel import launch, shutdown
 from .report import demo_summary
 from .train import (TRAIN_PRESETS, DistributedFailure, NonFiniteTraining, TrainConfig, TrainingInterrupted, build_model, compare,
                     train, train_config)
@@ -317,7 +317,7 @@ def _print_placement(metrics: str, devices: int, method: str, time_limit: float)
     import json
     from pathlib import Path
 
-    from .placement import contiguous_placement, plan_placement
+    from ..placement import contiguous_placement, plan_placement
 
     path = Path(metrics)
     path = path / "eval.json" if path.is_dir() else path

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import (AuxLoss, BalancerSpec, BALANCER_SPECS, DynamicLoss, LossFree, MoEConfig, ParameterPenalty,
+from ..config import (AuxLoss, BalancerSpec, BALANCER_SPECS, DynamicLoss, LossFree, MoEConfig, ParameterPenalty,
                      RouterConfig, ZLoss, heterogeneous_widths)
 
 

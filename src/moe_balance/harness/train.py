@@ -29,16 +29,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import parallel as par
+from .. import parallel as par
 from ._files import LOCK_NAME, RunDirectoryError, exclusive_lock, remove_if_unused
-from ._optional import require
-from .balancing import LossFreeBalancer, discard_pending_counts, update_balancers
+from .._optional import require
+from ..balancing import LossFreeBalancer, discard_pending_counts, update_balancers
 from .checkpoint import atomic_write, latest_valid_checkpoint, remove_orphan_temporaries, save_checkpoint
-from .config import MoEConfig, is_number
-from .controller import solve_static_bias
+from ..config import MoEConfig, is_number
+from ..controller import solve_static_bias
 from .data import TokenizedCorpus, prepare_corpus
 from .methods import get_method
-from .metrics import LoadAccumulator, coefficient_of_variation, dead_experts, max_vio
+from ..metrics import LoadAccumulator, coefficient_of_variation, dead_experts, max_vio
 from .model import EXPERT_KINDS, ModelConfig, MoETransformer, model_preset
 from .report import format_table, summarize_run, write_report
 from .sampling import BatchSampler, eval_windows

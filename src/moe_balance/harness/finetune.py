@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from ._files import RunDirectoryError, atomic_write
-from ._optional import require
-from .balancing import update_balancers
+from .._optional import require
+from ..balancing import update_balancers
 from .data import prepare_corpus
-from .metrics import max_vio
+from ..metrics import max_vio
 from .sampling import BatchSampler, eval_windows
 
 
@@ -51,7 +51,7 @@ class FinetuneConfig:
 
 @torch.no_grad()
 def _measure(model, windows) -> dict:
-    from .integrations.transformers import record_loads
+    from ..integrations.transformers import record_loads
 
     model.eval()
     loss_sum = count = 0
@@ -70,7 +70,7 @@ def finetune(model_dir: str | Path, cfg: FinetuneConfig, out: str | Path | None 
     """Fine-tune ``model_dir`` with Loss-Free Balancing; returns (and with ``out`` saves, next
     to the fine-tuned checkpoint, as ``finetune.json``) the metrics before and after."""
     transformers = require("transformers", "moe-balance finetune")
-    from .integrations.transformers import enable_loss_free
+    from ..integrations.transformers import enable_loss_free
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
