@@ -1,13 +1,11 @@
 """Data parallel on 2 gloo processes: counts and losses see the whole global batch."""
 
-import socket
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moe_balance import AuxLoss, LossFree, MoE, MoEConfig, update_balancers
 from moe_balance.parallel import init_parallel, parallelize
+from moe_balance.testing import init_gloo, spawn
 
 CONFIG = MoEConfig(d_model=8, num_experts=4, top_k=1, expert_hidden_size=4,
                    balancers=(LossFree(update_rate=1e-3), AuxLoss(coeff=1.0, scope="global_batch")))
@@ -17,14 +15,8 @@ def rank_data(rank):
     return torch.randn(12, 8, generator=torch.Generator().manual_seed(100 + rank)) + 2.0 * rank
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker(rank, world, port, results):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         torch.manual_seed(0)
         layer = parallelize(MoE(CONFIG), init_parallel(1))  # the balancers count over the data group
@@ -39,8 +31,7 @@ def worker(rank, world, port, results):
 
 
 def test_two_ranks_update_the_same_bias_from_global_counts():
-    results = mp.Manager().dict()
-    mp.spawn(worker, args=(2, free_port(), results), nprocs=2, join=True)
+    results = spawn(worker, 2)
 
     # single-process reference: the same layer sees both ranks' data
     torch.manual_seed(0)
@@ -64,7 +55,7 @@ def test_two_ranks_update_the_same_bias_from_global_counts():
 
 
 def local_worker(rank, world, port, results):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         torch.manual_seed(0)
         layer = MoE(CONFIG)  # not parallelized: the balancers never reach for the default group
@@ -77,8 +68,7 @@ def local_worker(rank, world, port, results):
 
 
 def test_an_unparallelized_layer_updates_from_its_own_counts():
-    results = mp.Manager().dict()
-    mp.spawn(local_worker, args=(2, free_port(), results), nprocs=2, join=True)
+    results = spawn(local_worker, 2)
     for r in range(2):
         counts = results[r]["counts"].double()
         assert torch.equal(results[r]["bias"], (1e-3 * torch.sign(counts.mean() - counts)).float())

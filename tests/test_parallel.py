@@ -2,7 +2,6 @@
 
 import datetime
 import os
-import socket
 import time
 
 import pytest
@@ -14,18 +13,13 @@ from moe_balance import AuxLoss, LossFree, MoE, MoEConfig, RouterConfig, ZLoss, 
 from moe_balance.parallel import (clip_grad_norm, expert_ranks, gather_optimizer_state, gather_state_dict,
                                   init_parallel, load_full_optimizer_state, load_full_state_dict, parallelize,
                                   ranks_per_token, shutdown, sync_gradients)
+from moe_balance.testing import free_port, init_gloo, spawn
 
 D, B, S = 8, 4, 6  # global batch: B sequences of S tokens, split over the ranks by sequence
 CONFIG = MoEConfig(d_model=D, num_experts=8, top_k=2, expert_hidden_size=16, num_shared_experts=1,
                    expert_impl="loop",
                    balancers=(LossFree(rule="adaptive"), AuxLoss(coeff=0.1, scope="global_batch"),
                               AuxLoss(coeff=0.1, scope="sequence"), ZLoss(coeff=1e-3)))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def global_batch(micro=0):
@@ -39,17 +33,6 @@ def global_batch(micro=0):
 def objective(out, c):
     """Mean over this batch's tokens of <y, c>, plus the balancing losses."""
     return (out.y * c).sum(-1).mean() + out.aux_loss
-
-
-def init(rank, world, port, timeout=60):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout))
-
-
-def spawn(fn, world, *args):
-    results = mp.Manager().dict()
-    mp.spawn(fn, args=(world, free_port(), results, *args), nprocs=world, join=True)
-    return dict(results)
 
 
 def rank0_outcome(fn, seconds, *args):
@@ -67,7 +50,7 @@ def rank0_outcome(fn, seconds, *args):
 
 
 def ep_worker(rank, world, port, results, ep, micro_batches, config):
-    init(rank, world, port)
+    init_gloo(rank, world, port)
     try:
         groups = init_parallel(ep)
         torch.manual_seed(0)
@@ -139,7 +122,7 @@ def test_parallel_layer_equals_one_process(world, ep, micro_batches):
 def state_worker(rank, world, port, results):
     """Checkpoint round trip: gathered state dicts equal the single-process ones, and loading
     them back gives each rank its own slice."""
-    init(rank, world, port)
+    init_gloo(rank, world, port)
     try:
         groups = init_parallel(2)
         torch.manual_seed(0)
@@ -193,7 +176,7 @@ def test_gathered_state_is_the_single_process_state():
 
 
 def locality_worker(rank, world, port, results, bonus):
-    init(rank, world, port)
+    init_gloo(rank, world, port)
     try:
         groups = init_parallel(2)
         torch.manual_seed(0)
@@ -234,7 +217,7 @@ def test_ranks_per_token_counts_distinct_ranks():
 
 def device_limited_worker(rank, world, port, results):
     """DeepSeek-V3 device-limited routing: groups mapped onto ranks bound the ranks per token."""
-    init(rank, world, port)
+    init_gloo(rank, world, port)
     try:
         groups = init_parallel(2)
         torch.manual_seed(0)
@@ -255,7 +238,7 @@ def test_group_limited_routing_on_rank_groups_reaches_one_rank():
 
 
 def dying_worker(rank, world, port, results, how):
-    init(rank, world, port, timeout=8)
+    init_gloo(rank, world, port, timeout=8)
     groups = init_parallel(2, timeout=datetime.timedelta(seconds=8))
     torch.manual_seed(0)
     layer = parallelize(MoE(CONFIG), groups)
@@ -283,7 +266,7 @@ def test_a_lost_rank_fails_the_others_within_the_timeout(how):
 
 
 def refusal_worker(rank, world, port, results):
-    init(rank, world, port)
+    init_gloo(rank, world, port)
     try:
         groups = init_parallel(2)
         errors = []
@@ -311,7 +294,7 @@ def training_worker(rank, world, port, results, data, cache, out):
     """The harness itself (train) on 2 ranks; rank 1 dies after step 3."""
     from moe_balance.harness.train import train, train_config
 
-    init(rank, world, port, timeout=10)
+    init_gloo(rank, world, port, timeout=10)
     groups = init_parallel(2, timeout=datetime.timedelta(seconds=10))
     cfg = train_config("tiny", data=data, vocab_size=300, cache_dir=cache, steps=50, checkpoint_every=0)
 
