@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._files import atomic_write
+from .._files import atomic_write
 
 # The paper's Table 1 (Wang et al., 2024, arXiv 2408.15664), for reference only.
 PAPER_RESULTS: list[dict] = [
