@@ -1,373 +1,21 @@
-"""Summaries, tables, plots and the Markdown report for `moe-balance compare`.
+"""Every matplotlib figure of the report, written as PNG files into the report's plots/ folder.
 
-Leaf module: it reads run directories (metrics.jsonl, eval.json) and plain dicts
-only, and imports nothing from moe_balance. matplotlib is imported lazily inside
-the plotting helpers so summaries and tables work without the `train` extra.
+MaxVio_batch over training (paper Fig. 3), perplexity against MaxVio_global (Figs. 1-2), the
+validation expert load per layer, the loss-free biases over training and the load by data
+domain. matplotlib is imported lazily inside the helpers, so the summaries and tables work
+without the `train` extra; figures use the Agg canvas directly, never pyplot's global state.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
 from .._files import atomic_write
-
-# The paper's Table 1 (Wang et al., 2024, arXiv 2408.15664), for reference only.
-PAPER_RESULTS: list[dict] = [
-    {"model": "1B, 100B tokens", "method": "aux_loss (alpha=1e-3)", "val_ppl": 9.56, "maxvio_global": 0.72},
-    {"model": "1B, 100B tokens", "method": "loss_free (u=1e-3)", "val_ppl": 9.50, "maxvio_global": 0.04},
-    {"model": "3B, 200B tokens", "method": "aux_loss (alpha=1e-3)", "val_ppl": 7.97, "maxvio_global": 0.52},
-    {"model": "3B, 200B tokens", "method": "loss_free (u=1e-3)", "val_ppl": 7.92, "maxvio_global": 0.04},
-]
-
-_AGG_KEYS = ("val_ppl", "experts_per_token", "ffn_experts_per_token", "ffn_compute_saved", "maxvio_compute",
-             "routed_params_per_token", "maxvio_global", "maxvio_static_floor", "maxvio_shift_floor",
-             "maxvio_train_windows", "maxvio_batch", "maxvio_batch_floor", "maxvio_batch_late_std", "val_loss")
-
-BALANCE_THRESHOLD, BALANCE_HOLD = 0.5, 20
-
-
-def steps_to_balance(steps, maxvio, threshold: float = BALANCE_THRESHOLD, hold: int = BALANCE_HOLD) -> int | None:
-    """The first step from which MaxVio_batch stays below ``threshold`` for ``hold`` logged
-    steps in a row, or None if that never happens."""
-    run = 0
-    for i, value in enumerate(maxvio):
-        run = run + 1 if value < threshold else 0
-        if run == hold:
-            return int(steps[i - hold + 1])
-    return None
-
-
-def late_oscillation(maxvio) -> float | None:
-    """Std of MaxVio_batch over the last 25% of the logged steps (late-training jitter)."""
-    tail = np.asarray(maxvio, dtype=float)[-max(1, len(maxvio) // 4):] if len(maxvio) else []
-    return float(np.std(tail)) if len(tail) else None
-
-
-def _metrics_path(run_dir) -> Path:
-    """RUN/metrics.jsonl, or FileNotFoundError naming the run directory."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics.jsonl in run directory {Path(run_dir)}")
-    return path
-
-
-def read_metrics(run_dir) -> list[dict]:
-    """Parse RUN/metrics.jsonl into a list of dicts, skipping a truncated last line."""
-    path = _metrics_path(run_dir)
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if i == len(lines) - 1:  # the trainer was killed mid-write: drop that line only
-                break
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON: {err}") from err
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def _read_eval(run_dir) -> dict:
-    """Load RUN/eval.json, or {} when the run has no final evaluation."""
-    path = Path(run_dir) / "eval.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of the records that have `key`, sorted by step."""
-    pairs = sorted((r["step"], r[key]) for r in records if r.get(key) is not None and "step" in r)
-    steps = np.array([p[0] for p in pairs], dtype=float)
-    return steps, np.array([p[1] for p in pairs], dtype=float)
-
-
-def summarize_run(run_dir, *, method: str, seed: int, wall_seconds: float, train_tokens: int) -> dict:
-    """One results.json row for a finished run."""
-    if wall_seconds <= 0:
-        raise ValueError(f"wall_seconds must be positive, got {wall_seconds}")
-    records = read_metrics(run_dir)
-    ev = _read_eval(run_dir)
-    steps, maxvio = _series(records, "maxvio_batch")
-    # The last ceil(n/2) logged values: skips the early transient where every method is unbalanced.
-    second_half = maxvio[len(maxvio) // 2:]
-    losses = [r["loss"] for r in records if r.get("loss") is not None]
-    val_ppl = ev.get("val_ppl")
-    if val_ppl is None and ev.get("val_loss") is not None:
-        val_ppl = math.exp(ev["val_loss"])
-    return {
-        "method": method,
-        "seed": seed,
-        "val_loss": ev.get("val_loss"),
-        "val_ppl": val_ppl,
-        "maxvio_global": ev.get("maxvio_global"),
-        "maxvio_static_floor": ev.get("maxvio_static_floor"),
-        "maxvio_shift_floor": ev.get("maxvio_shift_floor"),
-        "maxvio_train_windows": ev.get("maxvio_train_windows"),
-        "maxvio_batch": float(second_half.mean()) if len(second_half) else None,
-        "maxvio_batch_floor": ev.get("maxvio_batch_floor"),
-        "maxvio_batch_late_std": late_oscillation(maxvio),
-        "steps_to_balance": steps_to_balance(steps, maxvio),
-        "steps": int(steps[-1]) if len(steps) else 0,
-        "train_tokens": train_tokens,
-        "wall_seconds": wall_seconds,
-        "tokens_per_second": train_tokens / wall_seconds,
-        "final_loss": losses[-1] if losses else None,
-        "experts_per_token": ev.get("experts_per_token"),
-        "ffn_experts_per_token": ev.get("ffn_experts_per_token"),
-        "ffn_compute_saved": ev.get("ffn_compute_saved"),
-        "maxvio_compute": ev.get("maxvio_compute"),
-        "routed_params_per_token": ev.get("routed_params_per_token"),
-        **{k: v for k, v in ev.items() if k.startswith("kind_fraction_")},
-        "experts_per_token_hist": ev.get("experts_per_token_hist"),
-        "leaks_future": bool(ev.get("leaks_future", False)),
-        "run_dir": Path(run_dir).name,
-    }
-
-
-def _require_results(results: list[dict]) -> None:
-    """Refuse an empty results list with a clear message."""
-    if not results:
-        raise ValueError("results is empty: no finished runs to report on")
-
-
-def aggregate(results: list[dict]) -> list[dict]:
-    """One row per method (first-appearance order): n_seeds and mean/std of the key metrics."""
-    _require_results(results)
-    by_method: dict[str, list[dict]] = {}
-    for row in results:
-        by_method.setdefault(row["method"], []).append(row)
-    out = []
-    for method, rows in by_method.items():
-        agg = {"method": method, "n_seeds": len(rows), "leaks_future": any(r.get("leaks_future") for r in rows)}
-        balanced = [r.get("steps_to_balance") for r in rows]
-        agg["steps_to_balance"] = balanced
-        for key in _AGG_KEYS:
-            vals = np.array([r[key] for r in rows if r.get(key) is not None], dtype=float)
-            agg[f"{key}_mean"] = float(vals.mean()) if len(vals) else None
-            # Sample std (ddof=1): the seeds are a sample of possible runs.
-            agg[f"{key}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else (0.0 if len(vals) else None)
-        out.append(agg)
-    return out
-
-
-def _fmt(value, digits: int) -> str:
-    """A number with fixed decimals, or an em dash when missing."""
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-def _fmt_stat(row: dict, key: str, digits: int) -> str:
-    """'mean ± std' for several seeds, 'mean' for one."""
-    mean = _fmt(row[f"{key}_mean"], digits)
-    return f"{mean} ± {_fmt(row[f'{key}_std'], digits)}" if row["n_seeds"] > 1 and mean != "—" else mean
-
-
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """Render a Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _fmt_balance_steps(values: list) -> str:
-    """Mean ± std of the steps to balance; when some seeds never balanced, how many did, from
-    which step at the earliest and at which on average."""
-    reached = np.array([v for v in values if v is not None], dtype=float)
-    never = len(values) - len(reached)
-    if never:
-        if not len(reached):
-            return f"never ({never}/{len(values)} seeds)"
-        if len(reached) == 1:
-            return f"1/{len(values)} seeds, at {reached[0]:.0f}"
-        return f"{len(reached)}/{len(values)} seeds, from {reached.min():.0f} (mean {reached.mean():.0f})"
-    if len(reached) > 1:
-        return f"{reached.mean():.0f} ± {reached.std(ddof=1):.0f}"
-    return f"{reached[0]:.0f}"
-
-
-LEAK_MARK = "†"
-LEAK_NOTE = (f"{LEAK_MARK} Expert choice reads later tokens of each sequence to route a token (future-token "
-             "leakage in a causal LM): its perplexity is not comparable with the other methods.")
-
-TABLE_HEADER = ["method", "val PPL", "experts/token", "MaxVio_global", "static floor", "shift floor", "MaxVio_train",
-                "MaxVio_batch", "batch floor", "steps to balance", "late std", "seeds"]
-
-
-def _fmt_experts(row: dict) -> str:
-    """Experts per token; with MoE++ zero-computation experts also the FFN experts among them."""
-    cell = _fmt_stat(row, "experts_per_token", 2)
-    ffn, total = row.get("ffn_experts_per_token_mean"), row.get("experts_per_token_mean")
-    if ffn is not None and total is not None and abs(ffn - total) > 1e-9:
-        cell += f" (FFN {ffn:.2f})"
-    return cell
-
-
-def format_table(results: list[dict]) -> str:
-    """Markdown table of aggregate(results), one row per method."""
-    rows = [
-        [a["method"], _fmt_stat(a, "val_ppl", 2) + (f" {LEAK_MARK}" if a["leaks_future"] else ""),
-         _fmt_experts(a), _fmt_stat(a, "maxvio_global", 3),
-         _fmt_stat(a, "maxvio_static_floor", 3), _fmt_stat(a, "maxvio_shift_floor", 3),
-         _fmt_stat(a, "maxvio_train_windows", 3),
-         _fmt_stat(a, "maxvio_batch", 3), _fmt_stat(a, "maxvio_batch_floor", 3),
-         _fmt_balance_steps(a["steps_to_balance"]), _fmt_stat(a, "maxvio_batch_late_std", 3),
-         str(a["n_seeds"])]
-        for a in aggregate(results)
-    ]
-    return _markdown_table(TABLE_HEADER, rows)
-
-
-_DIFF_KEYS = (("val_ppl", "val PPL", 2), ("maxvio_global", "MaxVio_global", 3),
-              ("maxvio_batch", "MaxVio_batch", 3))
-
-
-def differences_from_baseline(results: list[dict]) -> list[dict]:
-    """Each method against the first one: difference of the seed means and its noise, and the
-    same difference taken seed by seed.
-
-    noise = 2 * sqrt(s_a^2 / n_a + s_b^2 / n_b) (about a 95% interval of the difference, from the
-    sample std over seeds); ``exceeds`` says whether |difference| > noise. None with one seed.
-
-    Runs of the same seed share the initial weights and the order of the training batches, so
-    much of what moves one seed's perplexity moves both methods'. The paired columns use only the
-    seeds both methods ran: ``paired_seeds`` (n), ``paired_difference`` (mean of the per-seed
-    differences), ``paired_noise`` (2 * their sample std / sqrt(n); None below 2 seeds),
-    ``paired_exceeds`` and ``paired_higher`` (in how many of the n seeds the method's value is
-    higher than the first method's).
-    """
-    rows = aggregate(results)
-    base, out = rows[0], []
-    by_seed = {(r["method"], r["seed"]): r for r in results}
-    for row in rows[1:]:
-        for key, _, _ in _DIFF_KEYS:
-            a, b = base.get(f"{key}_mean"), row.get(f"{key}_mean")
-            if a is None or b is None:
-                continue
-            noise = None
-            if base["n_seeds"] > 1 and row["n_seeds"] > 1:
-                noise = 2 * math.sqrt(base[f"{key}_std"] ** 2 / base["n_seeds"]
-                                      + row[f"{key}_std"] ** 2 / row["n_seeds"])
-            both = [(by_seed[(row["method"], s)].get(key), by_seed[(base["method"], s)].get(key))
-                    for (m, s) in by_seed if m == row["method"] and (base["method"], s) in by_seed]
-            pairs = np.array([x - y for x, y in both if x is not None and y is not None], dtype=float)
-            paired_noise = 2 * float(pairs.std(ddof=1)) / math.sqrt(len(pairs)) if len(pairs) > 1 else None
-            paired = float(pairs.mean()) if len(pairs) else None
-            out.append({"method": row["method"], "baseline": base["method"], "metric": key,
-                        "difference": b - a, "noise": noise,
-                        "exceeds": None if noise is None else abs(b - a) > noise,
-                        "paired_seeds": len(pairs), "paired_difference": paired, "paired_noise": paired_noise,
-                        "paired_exceeds": None if paired_noise is None else abs(paired) > paired_noise,
-                        "paired_higher": int((pairs > 0).sum())})
-    return out
-
-
-def _yes_no(flag: bool | None) -> str:
-    return "—" if flag is None else ("yes" if flag else "no")
-
-
-def _differences_table(results: list[dict]) -> str:
-    digits = {key: d for key, _, d in _DIFF_KEYS}
-    labels = {key: label for key, label, _ in _DIFF_KEYS}
-    rows = [[d["method"], labels[d["metric"]], f"{d['difference']:+.{digits[d['metric']]}f}",
-             _fmt(d["noise"], digits[d["metric"]]), _yes_no(d["exceeds"]),
-             "—" if d["paired_difference"] is None else
-             f"{d['paired_difference']:+.{digits[d['metric']]}f} ± {_fmt(d['paired_noise'], digits[d['metric']])}",
-             _yes_no(d["paired_exceeds"]), f"{d['paired_higher']} of {d['paired_seeds']}"]
-            for d in differences_from_baseline(results)]
-    return _markdown_table(["method", "metric", "difference", "seed noise (2 SE)", "exceeds noise",
-                            "same-seed difference ± 2 SE", "exceeds", "higher in"], rows)
-
-
-def demo_summary(results: list[dict]) -> str:
-    """Plain lines for ``moe-balance demo``: each method's balance against the first method's as
-    ratios, and the perplexity difference, with what one run can and cannot show."""
-    rows = aggregate(results)
-    base, lines = rows[0], []
-    for row in rows[1:]:
-        lines.append(f"{row['method']} against {base['method']} ({row['n_seeds']} seed(s), this machine):")
-        for key, label, digits in _DIFF_KEYS:
-            a, b = base.get(f"{key}_mean"), row.get(f"{key}_mean")
-            if a is None or b is None:
-                continue
-            if key == "val_ppl":
-                verdict = f"{b - a:+.{digits}f}"
-            elif b < a:
-                verdict = f"{a / b:.1f}x lower" if b > 0 else "lower"
-            elif b > a:
-                verdict = f"{b / a:.1f}x higher" if a > 0 else "higher"
-            else:
-                verdict = "equal"
-            lines.append(f"  {label:<14} {b:.{digits}f} vs {a:.{digits}f}  ({verdict})")
-    if min(r["n_seeds"] for r in rows) < 2:
-        lines.append("One seed on one machine: compare it with the README's multi-seed tables, not with their "
-                     "means; a single run's perplexity can fall well outside their spread.")
-    return "\n".join(lines)
-
-
-def _per_run_table(results: list[dict]) -> str:
-    """Markdown table with one row per run (seed)."""
-    rows = [
-        [str(r["method"]), str(r["seed"]), _fmt(r.get("val_ppl"), 2), _fmt(r.get("maxvio_global"), 3),
-         _fmt(r.get("maxvio_static_floor"), 3), _fmt(r.get("maxvio_shift_floor"), 3),
-         _fmt(r.get("maxvio_train_windows"), 3),
-         _fmt(r.get("maxvio_batch"), 3), _fmt(r.get("maxvio_batch_floor"), 3),
-         _fmt_balance_steps([r.get("steps_to_balance")]), _fmt(r.get("maxvio_batch_late_std"), 3),
-         _fmt(r.get("tokens_per_second"), 0), _fmt(r.get("wall_seconds"), 0)]
-        for r in results
-    ]
-    header = ["method", "seed", "val PPL", "MaxVio_global", "static floor", "shift floor", "MaxVio_train", "MaxVio_batch",
-              "batch floor", "steps to balance", "late std", "tokens/s", "wall s"]
-    return _markdown_table(header, rows)
-
-
-def compute_table(results: list[dict]) -> str:
-    """Compute per token beside balance in tokens and in compute, one row per method."""
-    rows = [[a["method"], _fmt_stat(a, "routed_params_per_token", 0), _fmt_stat(a, "ffn_experts_per_token", 2),
-             _fmt_stat(a, "ffn_compute_saved", 3), _fmt_stat(a, "maxvio_global", 3), _fmt_stat(a, "maxvio_compute", 3),
-             _fmt_stat(a, "val_ppl", 2)]
-            for a in aggregate(results)]
-    return _markdown_table(["method", "routed params/token", "FFN experts/token", "FFN compute saved",
-                            "MaxVio_global (tokens)", "MaxVio_compute", "val PPL"], rows)
-
-
-EXPERT_BUCKETS = ((0, 0), (1, 1), (2, 2), (3, 4), (5, 8), (9, None))
-
-
-def experts_per_token_table(results: list[dict]) -> str | None:
-    """Share of tokens (all layers, all seeds) by number of experts chosen, per method; None
-    when no run recorded the distribution."""
-    by_method: dict[str, np.ndarray] = {}
-    for r in results:
-        hist = r.get("experts_per_token_hist")
-        if hist:
-            h = np.asarray(hist, dtype=float)
-            prev = by_method.get(r["method"])
-            by_method[r["method"]] = h if prev is None else prev + h
-    if not by_method:
-        return None
-    rows = []
-    for method, h in by_method.items():
-        share = h / max(h.sum(), 1.0)
-        mean = float((share * np.arange(len(h))).sum())
-        cells = [f"{100 * share[lo:(len(h) if hi is None else hi + 1)].sum():.1f}%" for lo, hi in EXPERT_BUCKETS]
-        rows.append([method, f"{mean:.2f}", *cells, str(int(np.flatnonzero(h).max()) if h.any() else 0)])
-    labels = [str(lo) if lo == hi else (f"{lo}+" if hi is None else f"{lo}-{hi}") for lo, hi in EXPERT_BUCKETS]
-    return _markdown_table(["method", "mean", *labels, "max"], rows)
-
-
-def _paper_table() -> str:
-    """The paper's Table 1 as Markdown."""
-    rows = [[p["model"], p["method"], f"{p['val_ppl']:.2f}", f"{p['maxvio_global']:.2f}"]
-            for p in PAPER_RESULTS]
-    return _markdown_table(["model", "method", "val PPL", "MaxVio_global"], rows)
-
-
-def _write_text(path: Path, text: str) -> Path:
-    """Atomically write a UTF-8 text file."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+from .summary import _read_eval, _series, read_metrics
+from .tables import LEAK_MARK
 
 
 def _figure(nrows: int, ncols: int, panel: tuple[float, float]):
@@ -505,6 +153,19 @@ def _normalised_load(load) -> np.ndarray:
     return np.divide(load, mean, out=np.zeros_like(load), where=mean > 0)
 
 
+def _heatmap_panel(ax, method: str, norm_load: np.ndarray, ev: dict, norm):
+    """One method's [layer x expert] load on `ax`, titled with its MaxVio_global; returns the image."""
+    image = ax.imshow(np.clip(norm_load, norm.vmin, None), cmap="RdBu_r", norm=norm,
+                      aspect="auto", interpolation="nearest")
+    maxvio = ev.get("maxvio_global")
+    if maxvio is None:  # fall back to the definition when eval.json lacks the summary
+        maxvio = float((norm_load.max(axis=1) - 1.0).mean())
+    ax.set_title(f"{method}\nMaxVio_global = {maxvio:.3f}", fontsize="medium")
+    _expert_axis(ax)
+    ax.set_ylabel("layer")
+    return image
+
+
 def plot_load_heatmaps(runs: dict[str, list[Path]], path) -> Path | None:
     """Validation expert load per method (first seed) as [layer x expert] heatmaps."""
     evals = {m: _read_eval(d) for m, d in _first_runs(runs).items()}
@@ -521,14 +182,7 @@ def plot_load_heatmaps(runs: dict[str, list[Path]], path) -> Path | None:
     fig, axes = _figure(math.ceil(len(loads) / ncols), ncols, (4.5, 3.2))
     flat = [ax for row in axes for ax in row]
     for ax, (method, norm_load) in zip(flat, loads.items()):
-        image = ax.imshow(np.clip(norm_load, norm.vmin, None), cmap="RdBu_r", norm=norm,
-                          aspect="auto", interpolation="nearest")
-        maxvio = evals[method].get("maxvio_global")
-        if maxvio is None:  # fall back to the definition when eval.json lacks the summary
-            maxvio = float((norm_load.max(axis=1) - 1.0).mean())
-        ax.set_title(f"{method}\nMaxVio_global = {maxvio:.3f}", fontsize="medium")
-        _expert_axis(ax)
-        ax.set_ylabel("layer")
+        image = _heatmap_panel(ax, method, norm_load, evals[method], norm)
     for ax in flat[len(loads):]:
         ax.set_visible(False)
     bar = fig.colorbar(image, ax=flat[:len(loads)], label="load / mean load (log scale, 1 = balanced)")
@@ -572,13 +226,19 @@ def _domain_fractions(domain_load: dict) -> np.ndarray:
     return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
 
 
-def plot_domain_load(runs: dict[str, list[Path]], path) -> Path | None:
-    """Per method and layer, each domain's token distribution over experts (specialisation)."""
+def _domain_data(runs: dict[str, list[Path]]) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Per method (first seed) with >= 2 domains in eval.json: (domain names, _domain_fractions)."""
     data = {}
     for method, run_dir in _first_runs(runs).items():
         domain_load = _read_eval(run_dir).get("domain_load") or {}
         if len(domain_load) >= 2:
             data[method] = (list(domain_load), _domain_fractions(domain_load))
+    return data
+
+
+def plot_domain_load(runs: dict[str, list[Path]], path) -> Path | None:
+    """Per method and layer, each domain's token distribution over experts (specialisation)."""
+    data = _domain_data(runs)
     if not data:
         return None
     vmax = max(f.max() for _, f in data.values())
@@ -597,92 +257,11 @@ def plot_domain_load(runs: dict[str, list[Path]], path) -> Path | None:
     return _save(fig, path)
 
 
-_EXPLANATION = (
-    "Each method trains the same Mixture-of-Experts language model and differs only in how it balances "
-    "expert load. `no_balance` routes purely by the gating scores; `aux_loss` adds the usual "
-    "auxiliary balance loss (weight alpha) to the language-model loss; `loss_free` (Auxiliary-Loss-Free "
-    "Balancing, Wang et al. 2024) adds a per-expert bias to the router scores *only* for top-K "
-    "selection (gating weights still use the raw scores) and, after every step, moves each bias by "
-    "u toward balance (up for under-loaded experts, down for overloaded ones), so no interfering "
-    "gradient is added; `loss_free_adaptive` moves each bias by a gain times the step that would have "
-    "balanced its expert on the last step, the gain high while those steps keep their sign and low "
-    "while they are batch noise. MaxVio = (max_i load_i - mean load) / mean load, averaged over MoE "
-    "layers (0 = perfectly balanced). Columns: **MaxVio_global** over the whole validation set; "
-    "**static floor**, the MaxVio on the validation set of the best single bias vector for the final "
-    "router, solved on the validation set itself (what a perfect static bias could reach); **shift "
-    "floor**, the MaxVio on the validation set of the best single bias for windows of the training "
-    "files: no controller that learns from training batches can do better on the validation set, so "
-    "shift floor minus static floor is the difference between training and validation files, and "
-    "MaxVio_global minus shift floor is controller error; **MaxVio_train**, MaxVio_global's "
-    "measurement on windows of the training files (in distribution); **MaxVio_batch**, per training "
-    "step, mean over the second half of training; **batch floor**, the mean MaxVio over random "
-    "training-sized batches of training windows with the best single bias for the final router: a "
-    "batch's own content moves its loads this much whatever bias earlier batches chose, so no causal "
-    "controller's MaxVio_batch can go much below it; **steps to balance**, the first step from which "
-    f"MaxVio_batch stays below {BALANCE_THRESHOLD} for {BALANCE_HOLD} steps; **late std**, the std of "
-    "MaxVio_batch over the last 25% of steps (late oscillation); **experts/token**, the mean number "
-    "of routed experts a validation token took (top-K: exactly K; with MoE++ zero-computation "
-    "experts, the FFN experts among them, its FFN compute, in brackets). Validation "
-    "perplexity is exp(validation loss). Lower is better for every column but experts/token."
-)
+def write_plots(plot_dir: Path, results: list[dict], runs: dict[str, list[Path]]) -> dict[str, Path]:
+    """Draw every figure into plot_dir/NAME.png; return {name: path} of those drawn, in order.
 
-
-def _report_markdown(results: list[dict], plots: dict[str, Path], meta: dict) -> str:
-    """The text of report.md."""
-    captions = {
-        "maxvio_batch": "MaxVio_batch during training (cf. paper Fig. 3)",
-        "ppl_vs_maxvio": "Validation perplexity vs MaxVio_global (cf. paper Figs. 1-2)",
-        "load_heatmaps": "Validation expert load per layer, normalised by the mean load",
-        "biases": "Loss-free routing biases over training",
-        "domain_load": "Expert load by data domain",
-    }
-    parts = [
-        "# Auxiliary-Loss-Free Load Balancing: reproduction report",
-        _EXPLANATION,
-        "## Our results",
-        "Mean ± sample standard deviation over seeds.\n\n" + format_table(results)
-        + ("\n\n" + LEAK_NOTE if any(r.get("leaks_future") for r in results) else ""),
-        "### Differences from the first method",
-        "Difference of the seed means; it exceeds the seed noise when larger than twice its "
-        "standard error. The same-seed columns compare runs of the same seed (same initial weights "
-        "and batch order): the mean of the per-seed differences with twice its standard error, and "
-        "in how many seeds the method's value was the higher one.\n\n" + _differences_table(results),
-        "### Per run",
-        _per_run_table(results),
-    ]
-    parts += ["### Compute per token",
-              "Routed-expert parameters one token activates, summed over the MoE layers (3 x d_model x "
-              "width per FFN expert, 3 x d_model per MoE++ constant expert, 0 for zero and copy experts); "
-              "MaxVio_compute is MaxVio of tokens x width per FFN expert, which differs from MaxVio "
-              "only for experts of different widths (HMoE).\n\n" + compute_table(results)]
-    experts = experts_per_token_table(results)
-    if experts is not None:
-        parts += ["### Experts per token",
-                  "Share of validation tokens (over layers and seeds) by the number of routed experts "
-                  "they took: fixed for top-K and grouped routing, variable for top-p and expert "
-                  "choice (0: only the residual and shared experts carry the token).\n\n" + experts]
-    parts += [
-        "## The paper's Table 1 (for reference)",
-        "Numbers reported by Wang et al. (2024) for 1B and 3B models trained on 100B-200B tokens. "
-        "They are **not comparable in absolute terms** with the small runs above; compare the "
-        "*direction* of the differences between methods.\n\n" + _paper_table(),
-        "## Plots",
-    ]
-    parts += [f"### {captions[name]}\n\n![{captions[name]}](plots/{p.name})" for name, p in plots.items()]
-    parts += ["## Configuration", "```json\n" + json.dumps(meta, indent=2, default=str) + "\n```"]
-    return "\n\n".join(parts) + "\n"
-
-
-def write_report(out_dir, results: list[dict], runs: dict[str, list[Path]], *, meta: dict) -> Path:
-    """Write results.json, plots/*.png and report.md into out_dir; return the report.md path."""
-    _require_results(results)
-    out_dir = Path(out_dir)
-    runs = {m: [Path(d) for d in dirs] for m, dirs in runs.items()}
-    for dirs in runs.values():  # fail before writing anything if a run is missing its log
-        for d in dirs:
-            _metrics_path(d)
-    _write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
-    plot_dir = out_dir / "plots"
+    A figure without data is not drawn, and its file from an earlier report is removed.
+    """
     makers = {
         "maxvio_batch": lambda p: plot_maxvio_batch(runs, p),
         "ppl_vs_maxvio": lambda p: plot_ppl_vs_maxvio(results, p),
@@ -697,4 +276,4 @@ def write_report(out_dir, results: list[dict], runs: dict[str, list[Path]], *, m
             (plot_dir / f"{name}.png").unlink(missing_ok=True)
         else:
             plots[name] = path
-    return _write_text(out_dir / "report.md", _report_markdown(results, plots, meta))
+    return plots
