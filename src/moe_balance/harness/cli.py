@@ -1,4 +1,4 @@
-"""Command-line interface: ``moe-balance {demo,train,compare,sweep,bench,finetune,methods,params,plan-placement}``.
+"""Command-line interface: ``moe-balance {demo,train,compare,sweep,bench,finetune,batch-trend,methods,params,plan-placement}``.
 
 Every ``TrainConfig`` field is a typed flag (``--steps 500``, ``--lr 2e-3``, ``--data mixed``)
 that overrides the chosen ``--preset``; unknown or mistyped values fail with the field's name.
@@ -87,6 +87,17 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+def _sizes(text: str) -> list[int]:
+    """Comma-separated distinct integers >= 1, ascending."""
+    try:
+        sizes = [int(s) for s in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1 or sizes != sorted(set(sizes)):
+        raise argparse.ArgumentTypeError(f"expected distinct ascending integers >= 1, got {text!r}")
+    return sizes
+
+
 def _add_parallel_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("distributed (launch with torchrun --nproc_per_node=N -m moe_balance ...)")
     group.add_argument("--expert-parallel", type=_positive_int, default=1, metavar="N",
@@ -164,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=".cache/moe_balance")
 
+    p = sub.add_parser("batch-trend", help="MaxVio of trained runs over growing computation batches of their "
+                                           "validation windows (the paper's sec. 5.1)")
+    p.add_argument("runs_dir", help="a compare output directory: RUNS_DIR/<method>_s<seed> for each run")
+    p.add_argument("--methods", type=_csv, required=True, help="comma-separated method names")
+    p.add_argument("--sizes", type=_sizes, default=None,
+                   help="computation batch sizes in windows, e.g. 1,4,16 (default: 1, 2, 4, ... up to all windows)")
+    p.add_argument("--order-seed", type=int, default=0, help="seed of the random order the windows are grouped in")
+    p.add_argument("--out", required=True, help="write batch_trend.json and batch_trend.png here")
+
     sub.add_parser("methods", help="list the registered balancing methods")
     p = sub.add_parser("params", help="parameter counts of a model preset (built on the meta device)")
     p.add_argument("--preset", default="paper-1b", choices=sorted(TRAIN_PRESETS))
@@ -236,6 +256,13 @@ def _run(args, command_line: str, parallel) -> int:
         _print_placement(args.metrics, args.devices, args.method, args.time_limit)
     elif args.command == "params":
         _print_params(args.preset)
+    elif args.command == "batch-trend":
+        from . import batch_trend
+
+        result = batch_trend.batch_trend(args.runs_dir, args.methods, args.sizes, args.order_seed)
+        json_path, png_path = batch_trend.write({"command": command_line, **result}, args.out)
+        print(batch_trend.format_table(result))
+        print(f"\n{result['windows']} windows of {result['seq_len']} tokens -> {json_path}, {png_path}")
     elif args.command == "finetune":
         from .finetune import FinetuneConfig, finetune, format_finetune
 
