@@ -107,3 +107,13 @@ def _jsonable(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)
     return obj
+
+
+def _write_run_config(out_dir: Path, cfg: TrainConfig, model, params: dict, vocab_size: int,
+                      parallel) -> None:
+    """config.json: the training configuration (what ``_check_same_config`` compares on resume),
+    the model's, its parameter counts, the vocabulary and the process layout."""
+    layout = None if parallel is None else {"processes": parallel.data_size, "expert_parallel": parallel.ep_size}
+    atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(
+        {"train": dataclasses.asdict(cfg), "model": _jsonable(model.config),
+         "params": params, "vocab_size": vocab_size, "parallel": layout}, indent=2)))

@@ -11,7 +11,6 @@ right after seeding, so methods differ only in how they balance.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 import sys
@@ -28,7 +27,7 @@ from .checkpoint import atomic_write, latest_valid_checkpoint, save_checkpoint
 from .data import TokenizedCorpus
 from .evaluation import compute_metrics, evaluate, kind_metrics  # noqa: F401
 from .floors import _best_static_bias, batch_balance, shift_floor, static_bias_floor  # noqa: F401
-from .rundir import _check_same_config, _claim, _guarded, _jsonable, _truncate_metrics
+from .rundir import _check_same_config, _claim, _guarded, _truncate_metrics, _write_run_config
 from .sampling import BatchSampler
 from .state import (
     _full_model,
@@ -142,28 +141,14 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCo
         par.parallelize(model, parallel, locality_bonus=cfg.locality_bonus)
     optimizer, scheduler = build_optimizer(model, cfg)
     start_step, wall_before = 0, 0.0
-    state = None
-    if resume and main:
-        state, checkpoint, skipped = latest_valid_checkpoint(out_dir)
-        for reason in skipped:
-            print(f"moe-balance: skipping {reason}", file=sys.stderr)
-        if skipped:
-            print(f"moe-balance: resuming from {checkpoint}" if checkpoint is not None
-                  else "moe-balance: no usable checkpoint; starting from step 0", file=sys.stderr)
-        if state is not None:
-            _check_same_config(out_dir, cfg)
-    if resume and parallel is not None:
-        state = par.broadcast_from_first(state, parallel)
+    state = _resume_state(cfg, out_dir, parallel) if resume else None
     if state is not None:
         _load_training_state(model, optimizer, scheduler, state, parallel)
         start_step, wall_before = state["step"], state.get("wall_seconds", 0.0)
     metrics_path = out_dir / "metrics.jsonl"
     if main:
         _truncate_metrics(metrics_path, start_step)  # a fresh start (step 0) keeps no line
-        layout = None if parallel is None else {"processes": parallel.data_size, "expert_parallel": parallel.ep_size}
-        atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(
-            {"train": dataclasses.asdict(cfg), "model": _jsonable(model.config),
-             "params": params, "vocab_size": corpus.vocab_size, "parallel": layout}, indent=2)))
+        _write_run_config(out_dir, cfg, model, params, corpus.vocab_size, parallel)
 
     sampler = BatchSampler(corpus.train, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
     writer = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1) if main else None
@@ -179,21 +164,10 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCo
         with open(metrics_path, "a") if main else nullcontext() as metrics_file:
             for step in bar:
                 t0 = time.perf_counter()
-                try:
-                    record = _train_step(model, optimizer, scheduler, sampler, cfg, step, parallel, routing)
-                except RuntimeError as err:
-                    if parallel is None:
-                        raise
-                    raise DistributedFailure(
-                        f"step {step} failed on rank {parallel.data_rank}: {err} (in a distributed run this "
-                        "usually means another rank died or hung longer than --dist-timeout: read its log)") from err
+                record = _step_naming_the_rank(model, optimizer, scheduler, sampler, cfg, step, parallel, routing)
                 record["tokens_per_second"] = tokens_per_step / (time.perf_counter() - t0)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                    full = _full_model(model, parallel)
-                    if main:
-                        ev = evaluate(full, corpus, cfg)
-                        record.update(val_loss=ev["val_loss"], val_ppl=ev["val_ppl"], maxvio_global=ev["maxvio_global"])
-                    del full
+                    _evaluate_into(record, model, corpus, cfg, parallel)
                 if not main:  # rank 0 logs and saves; the others take part in the gathering only
                     done = step
                     if _checkpoint_due(cfg, step):
@@ -214,12 +188,7 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCo
                 if record.get("skipped"):
                     bar.set_postfix(skipped=step)
                 elif step % cfg.log_every == 0:
-                    for key in ("loss", "lm_loss", "aux_loss", "lr", "maxvio_batch", "cv", "tokens_per_second"):
-                        writer.add_scalar(f"train/{key}", record[key], step)
-                    for key in ("device_load_max_over_mean", "ranks_per_token", "cross_rank_fraction",
-                                "all_to_all_bytes"):  # expert-parallel runs only
-                        if key in record:
-                            writer.add_scalar(f"parallel/{key}", record[key], step)
+                    _log_scalars(writer, record, step)
                 if not record.get("skipped"):
                     bar.set_postfix(loss=f"{record['loss']:.3f}", maxvio=f"{record['maxvio_batch']:.2f}")
                 if _checkpoint_due(cfg, step):
@@ -234,16 +203,69 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCo
         if routing is not None:
             routing.remove()
     wall_seconds = wall_before + time.perf_counter() - started
+    return _finish(model, corpus, cfg, out_dir, writer, parallel, wall_seconds=wall_seconds,
+                   train_tokens=tokens_per_step * cfg.steps, params=params)
 
+
+def _resume_state(cfg: TrainConfig, out_dir: Path, parallel: par.ParallelGroups | None) -> dict | None:
+    """The newest usable checkpoint's state (None: start from step 0), read by the rank that
+    owns ``out_dir`` and sent to the others; says which damaged checkpoints were skipped."""
+    state = None
+    if parallel is None or parallel.data_rank == 0:
+        state, checkpoint, skipped = latest_valid_checkpoint(out_dir)
+        for reason in skipped:
+            print(f"moe-balance: skipping {reason}", file=sys.stderr)
+        if skipped:
+            print(f"moe-balance: resuming from {checkpoint}" if checkpoint is not None
+                  else "moe-balance: no usable checkpoint; starting from step 0", file=sys.stderr)
+        if state is not None:
+            _check_same_config(out_dir, cfg)
+    return state if parallel is None else par.broadcast_from_first(state, parallel)
+
+
+def _step_naming_the_rank(model, optimizer, scheduler, sampler, cfg: TrainConfig, step: int,
+                          parallel: par.ParallelGroups | None, routing: _RankStats | None) -> dict:
+    """``_train_step``; in a parallel run a failed collective is re-raised naming step and rank."""
+    try:
+        return _train_step(model, optimizer, scheduler, sampler, cfg, step, parallel, routing)
+    except RuntimeError as err:
+        if parallel is None:
+            raise
+        raise DistributedFailure(
+            f"step {step} failed on rank {parallel.data_rank}: {err} (in a distributed run this "
+            "usually means another rank died or hung longer than --dist-timeout: read its log)") from err
+
+
+def _evaluate_into(record: dict, model, corpus: TokenizedCorpus, cfg: TrainConfig,
+                   parallel: par.ParallelGroups | None) -> None:
+    """A periodic evaluation (``eval_every``): its loss, perplexity and MaxVio_global go into the
+    step's record (every rank takes part in gathering the model; rank 0 evaluates)."""
+    full = _full_model(model, parallel)
+    if parallel is None or parallel.data_rank == 0:
+        ev = evaluate(full, corpus, cfg)
+        record.update(val_loss=ev["val_loss"], val_ppl=ev["val_ppl"], maxvio_global=ev["maxvio_global"])
+
+
+def _log_scalars(writer, record: dict, step: int) -> None:
+    """The step's TensorBoard scalars (the parallel ones only in expert-parallel runs)."""
+    for key in ("loss", "lm_loss", "aux_loss", "lr", "maxvio_batch", "cv", "tokens_per_second"):
+        writer.add_scalar(f"train/{key}", record[key], step)
+    for key in ("device_load_max_over_mean", "ranks_per_token", "cross_rank_fraction", "all_to_all_bytes"):
+        if key in record:
+            writer.add_scalar(f"parallel/{key}", record[key], step)
+
+
+def _finish(model, corpus: TokenizedCorpus, cfg: TrainConfig, out_dir: Path, writer,
+            parallel: par.ParallelGroups | None, **totals) -> dict:
+    """The final evaluation, eval.json and model.safetensors (rank 0); every rank returns it."""
     full = _full_model(model, parallel)
     result = None
-    if main:
+    if parallel is None or parallel.data_rank == 0:
         result = evaluate(full, corpus, cfg)
         for key in ("val_loss", "val_ppl", "maxvio_global"):
             writer.add_scalar(f"eval/{key}", result[key], cfg.steps)
         writer.close()
-        result.update(wall_seconds=wall_seconds, train_tokens=tokens_per_step * cfg.steps,
-                      params=params)
+        result.update(**totals)
         atomic_write(out_dir / "eval.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
         _save_weights(full, out_dir / "model.safetensors")
     return result if parallel is None else par.broadcast_from_first(result, parallel)
