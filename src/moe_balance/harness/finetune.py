@@ -99,8 +99,8 @@ def finetune(model_dir: str | Path, cfg: FinetuneConfig, out: str | Path | None 
     for step in tqdm(range(cfg.steps), desc="finetune", disable=not progress):
         x = sampler.batch(step)[0][:, :-1]  # transformers shifts the labels itself
         loss = model(input_ids=x, labels=x).loss
-        if not math.isfinite(float(loss)):
-            raise FloatingPointError(f"finetune step {step + 1}: loss {float(loss)}; lower --lr")
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"finetune step {step + 1}: loss {loss.item()}; lower --lr")
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
