@@ -7,26 +7,20 @@ import numpy as np
 import pytest
 import torch
 
+from corpora import GREEK, write_two_domain_corpus
 from moe_balance.harness.batch_trend import batch_trend, default_sizes, load_run, trend, window_loads
 from moe_balance.harness.cli import main
 from moe_balance.harness.data import prepare_corpus
 from moe_balance.harness.sampling import eval_windows
 from moe_balance.harness.train import train, train_config
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Three tiny finished runs, as compare lays them out: loss_free s0 and s1, aux_loss s0,
     on a two-domain corpus (so evaluation routes each batch domain by domain)."""
-    corpus = tmp_path_factory.mktemp("corpus")
-    gen = torch.Generator().manual_seed(0)
-    for i in range(24):
-        words = [WORDS[j] for j in torch.randint(0, len(WORDS), (600,), generator=gen).tolist()]
-        (corpus / f"prose_{i}.txt").write_text(" ".join(words) + ".\n")
-        (corpus / f"code_{i}.py").write_text("\n".join(f"def {w}_{k}(x):\n    return x + {k}"
-                                                     for k, w in enumerate(words[:150])))
+    corpus = write_two_domain_corpus(tmp_path_factory.mktemp("corpus"), words=GREEK[:16])
     base = train_config("tiny", data=str(corpus), vocab_size=300, cache_dir=str(tmp_path_factory.mktemp("cache")),
                         steps=20, checkpoint_every=0, eval_tokens=2048, max_train_tokens=None)
     root = tmp_path_factory.mktemp("runs")
@@ -113,7 +107,7 @@ def test_command_writes_json_plot_and_table(runs, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| windows | tokens | loss_free MaxVio | aux_loss MaxVio |" in printed
     mean, std = result["methods"]["aux_loss"]["mean"][2], result["methods"]["aux_loss"]["std"][2]
-    assert f"| 64 | 2,048 | " in printed and f"{mean:.3f} ± {std:.3f} |" in printed
+    assert "| 64 | 2,048 | " in printed and f"{mean:.3f} ± {std:.3f} |" in printed
 
 
 def test_bad_input_is_one_clear_line(runs, tmp_path, capsys):

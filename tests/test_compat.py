@@ -15,23 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from corpora import write_two_domain_corpus
 from moe_balance.harness.checkpoint import load_checkpoint
 from moe_balance.harness.train import TrainConfig, train
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_before_split"
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
-         "sigma tau upsilon phi chi psi omega").split()
-
-
 def write_corpus(root: Path) -> None:
     """The fixture's corpus, regenerated exactly as make_fixture.py wrote it."""
-    root.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(0)
-    for i in range(24):
-        words = [WORDS[j] for j in torch.randint(0, len(WORDS), (600,), generator=gen).tolist()]
-        (root / f"prose_{i}.txt").write_text(" ".join(words) + ".\n")
-        (root / f"code_{i}.py").write_text("\n".join(f"def {w}_{k}(x):\n    return x + {k}"
-                                                     for k, w in enumerate(words[:150])))
+    write_two_domain_corpus(root)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -12,8 +12,8 @@ import torch
 
 from moe_balance.config import ParameterPenalty
 from moe_balance import AuxLoss, LossFree, MoE, MoEConfig, RouterConfig
-from moe_balance.harness._files import RunDirectoryError, exclusive_lock
-from moe_balance.harness.checkpoint import (CheckpointError, checkpoint_path, latest_valid_checkpoint, load_checkpoint,
+from moe_balance.harness._files import exclusive_lock
+from moe_balance.harness.checkpoint import (checkpoint_path, latest_valid_checkpoint, load_checkpoint,
                                     save_checkpoint)
 from moe_balance.harness.cli import main
 from moe_balance.harness.data import load_documents

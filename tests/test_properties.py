@@ -22,7 +22,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from moe_balance import LossFree, MoE, MoEConfig, RouterConfig
 from moe_balance.balancing import LossFreeBalancer

@@ -6,26 +6,18 @@ import math
 import pytest
 import torch
 
+from corpora import write_two_domain_corpus
 from moe_balance.harness.checkpoint import list_checkpoints, load_checkpoint
 from moe_balance.harness.cli import main
 from moe_balance.harness.data import prepare_corpus
 from moe_balance.harness.train import TrainConfig, compare, lr_factor, train, train_config
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
-         "sigma tau upsilon phi chi psi omega").split()
 
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
     """A small two-domain corpus: pseudo-code and pseudo-prose files."""
-    root = tmp_path_factory.mktemp("corpus")
-    gen = torch.Generator().manual_seed(0)
-    for i in range(24):
-        words = [WORDS[j] for j in torch.randint(0, len(WORDS), (600,), generator=gen).tolist()]
-        (root / f"prose_{i}.txt").write_text(" ".join(words) + ".\n")
-        (root / f"code_{i}.py").write_text("\n".join(f"def {w}_{k}(x):\n    return x + {k}"
-                                                     for k, w in enumerate(words[:150])))
-    return root
+    return write_two_domain_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ from torch import nn
 from .balancing import Balancer
 from .dispatch import weighted_combine
 from .experts import SwiGLUExperts
-from .moe import MoE, moe_layers
+from .moe import moe_layers
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def batch_balance(model: MoETransformer, scores_per_layer: list[torch.Tensor], *
     """
     finals, floors = [], []
     for i, (layer, scores_TE) in enumerate(zip(model.moe_layers, scores_per_layer)):
-        W, E = scores_TE.shape[0] // seq_len, scores_TE.shape[1]
+        W = scores_TE.shape[0] // seq_len
         batches = W // batch_windows
         if batches == 0:
             raise ValueError(f"batch_balance needs at least {batch_windows} windows, got {W}")
