@@ -30,7 +30,7 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-_PARSERS = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str, "bool | None": _parse_bool}
+_PARSERS = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str, "bool | None": _parse_bool, "bool": _parse_bool}
 
 
 def _nullable(parse):
@@ -47,8 +47,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         parse = _PARSERS[str(f.type)]
         if "None" in str(f.type):
             parse = _nullable(parse)
+        switch = {"nargs": "?", "const": True} if str(f.type) == "bool" else {}  # --fsdp alone means true
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=parse, default=argparse.SUPPRESS,
-                           metavar=str(f.type).split(" ")[0].upper(), help=f"overrides the preset (TrainConfig default: {f.default!r})")
+                           metavar=str(f.type).split(" ")[0].upper(), **switch,
+                           help=f"overrides the preset (TrainConfig default: {f.default!r})")
 
 
 def _config_from_args(args, skip: tuple[str, ...] = ()) -> TrainConfig:

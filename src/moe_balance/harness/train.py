@@ -91,6 +91,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, overwr
     Rank 0 alone owns ``out_dir`` (lock, logs, checkpoints, evaluation); every rank returns
     the same result.
     """
+    if parallel is None and cfg.fsdp:
+        raise ValueError("TrainConfig.fsdp shards the model over processes: launch them with torchrun, e.g. "
+                         "torchrun --standalone --nproc_per_node=2 -m moe_balance train --fsdp ...")
     if parallel is not None:
         _check_parallel(cfg, parallel)
         if parallel.data_rank != 0:
@@ -139,6 +142,8 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCo
     params = model.param_counts()  # of the full model: counted before any sharding
     if parallel is not None:  # every rank built the same full model: each keeps its experts
         par.parallelize(model, parallel, locality_bonus=cfg.locality_bonus)
+        if cfg.fsdp:  # and, of the rest, its shard (the optimizer, built next, holds the shards' state)
+            par.fully_shard_model(model, parallel)
     optimizer, scheduler = build_optimizer(model, cfg)
     start_step, wall_before = 0, 0.0
     state = _resume_state(cfg, out_dir, parallel) if resume else None

@@ -1,0 +1,126 @@
+"""FSDP2 over the parallel layout (``parallel.fully_shard_model``, ``--fsdp``): what is sharded,
+what is not, and training that equals one process step by step."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from moe_balance import LossFree, MoEConfig, RouterConfig, update_balancers
+from moe_balance.harness.model import ModelConfig, MoETransformer
+from moe_balance.parallel import (fully_shard_model, gather_state_dict, init_parallel, is_sharded, parallelize,
+                                  sync_gradients)
+from moe_balance.testing import init_gloo, spawn
+
+from test_parallel_harness import ENV, metrics, run, train_args
+
+
+def tiny_model() -> MoETransformer:
+    torch.manual_seed(0)
+    moe = MoEConfig(d_model=32, num_experts=4, top_k=2, expert_hidden_size=16, num_shared_experts=1,
+                    router=RouterConfig(score_fn="sigmoid"), balancers=(LossFree(update_rate=1e-2),))
+    return MoETransformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, seq_len=8,
+                                      dense_ffn_hidden=64, moe=moe, n_dense_layers=0))
+
+
+def shard_worker(rank, world, port, results, ep):
+    init_gloo(rank, world, port)
+    try:
+        groups = init_parallel(ep)
+        model = parallelize(tiny_model(), groups)
+        full = {k: v.clone() for k, v in gather_state_dict(model, groups).items()}
+        fully_shard_model(model, groups)
+        buffers = {name: b for name, b in model.named_buffers() if "balancers" in name}
+        tokens = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(1))
+        mine = tokens.chunk(world)[rank]
+        model(mine[:, :-1], mine[:, 1:]).loss.backward()
+        sync_gradients(model, groups)
+        update_balancers(model)
+        results[rank] = {
+            "sharded": is_sharded(model),
+            "dense_dtensor": all(isinstance(p, DTensor) for n, p in model.named_parameters() if "experts.w_" not in n),
+            "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+                               for p in model.parameters()),
+            "buffers_plain": all(not isinstance(b, DTensor) for b in buffers.values()),
+            "bias": [b.clone() for n, b in buffers.items() if n.endswith("expert_bias")],
+            "bias_dtype": {str(b.dtype) for n, b in buffers.items() if n.endswith("expert_bias")},
+            "same_after_gather": all(torch.equal(v, full[k]) for k, v in gather_state_dict(model, groups).items()
+                                     if "balancers" not in k),
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+def test_fsdp_shards_parameters_not_the_balancers(ep):
+    results = spawn(shard_worker, 2, ep)
+    total = sum(p.numel() for p in tiny_model().parameters())
+    for r in results.values():
+        assert r["sharded"] and r["dense_dtensor"] and r["buffers_plain"]
+        assert r["bias_dtype"] == {"torch.float32"}
+        assert r["same_after_gather"]  # gathering the shards gives back the unsharded weights
+        assert r["local_numel"] < 0.6 * total  # each rank holds about half (dim-0 shards round up)
+    biases0, biases1 = results[0]["bias"], results[1]["bias"]
+    assert all(torch.equal(a, b) for a, b in zip(biases0, biases1))  # one update from the global counts
+    assert any(b.abs().sum() > 0 for b in biases0)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory, cache):
+    """The issue's contract with FSDP2: one process, then 2 processes with expert parallelism,
+    2 without, and 4 with 2 x 2 (experts sharded by FSDP2 over the expert-data dimension too)."""
+    root = tmp_path_factory.mktemp("runs")
+    for name, procs, extra in (("single", 1, []), ("fsdp_ep2", 2, ["--fsdp", "--expert-parallel", "2"]),
+                               ("fsdp_dp2", 2, ["--fsdp"]), ("fsdp_ep2x2", 4, ["--fsdp", "--expert-parallel", "2"])):
+        proc = run(train_args(root / name, cache, *extra), procs=procs, timeout=400)
+        assert proc.returncode == 0, proc.stderr
+    return root
+
+
+@pytest.mark.parametrize("name", ["fsdp_ep2", "fsdp_dp2", "fsdp_ep2x2"])
+def test_fsdp_trains_exactly_like_one_process(fsdp_runs, name):
+    one, many = metrics(fsdp_runs / "single"), metrics(fsdp_runs / name)
+    assert [r["step"] for r in many] == list(range(1, 21))
+    for a, b in zip(one, many):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["maxvio_batch"] == pytest.approx(a["maxvio_batch"], abs=1e-6)
+        torch.testing.assert_close(torch.tensor(b["bias"]), torch.tensor(a["bias"]), rtol=0, atol=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    ev1, ev2 = (json.loads((fsdp_runs / d / "eval.json").read_text()) for d in ("single", name))
+    assert ev2["val_loss"] == pytest.approx(ev1["val_loss"], rel=1e-4)
+    assert ev2["params"] == ev1["params"]
+    assert json.loads((fsdp_runs / name / "config.json").read_text())["train"]["fsdp"] is True
+
+
+def test_an_fsdp_checkpoint_resumes_on_one_process_and_on_another_layout(fsdp_runs, cache, tmp_path):
+    reference = metrics(fsdp_runs / "single")
+    for procs, extra in ((1, []), (2, ["--fsdp"]), (2, ["--expert-parallel", "2"])):
+        out = tmp_path / f"resumed{procs}{''.join(extra)}"
+        shutil.copytree(fsdp_runs / "fsdp_ep2", out)
+        for name in ("ckpt-00000020.pt", "eval.json", "model.safetensors"):
+            (out / name).unlink()
+        proc = run(train_args(out, cache, "--resume", *extra), procs=procs)
+        assert proc.returncode == 0, proc.stderr
+        resumed = metrics(out)
+        assert [r["step"] for r in resumed] == list(range(1, 21))
+        for a, b in zip(reference[10:], resumed[10:]):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+            torch.testing.assert_close(torch.tensor(b["bias"]), torch.tensor(a["bias"]), rtol=0, atol=1e-6)
+
+
+def test_fsdp_without_processes_says_how_to_launch(cache, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "moe_balance", *train_args(tmp_path / "x", cache, "--fsdp")],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 2
+    assert "TrainConfig.fsdp shards the model over processes" in proc.stderr and "torchrun" in proc.stderr
+    assert not (tmp_path / "x").exists()
