@@ -124,3 +124,20 @@ def test_fsdp_without_processes_says_how_to_launch(cache, tmp_path):
     assert proc.returncode == 2
     assert "TrainConfig.fsdp shards the model over processes" in proc.stderr and "torchrun" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_fsdp_holds_a_share_of_the_parameters_and_optimizer_state_per_rank(fsdp_runs):
+    """eval.json's memory_per_rank: with FSDP2 over N ranks each holds about 1/N of the dense
+    parameters and of the optimizer state; all of it on one process."""
+    def memory(name):
+        return json.loads((fsdp_runs / name / "eval.json").read_text())["memory_per_rank"]
+
+    (one,) = memory("single")
+    assert one["param_bytes"] == 4 * 155456 and one["optimizer_bytes"] == 2 * one["param_bytes"]  # fp32, Adam
+    for name, n in (("fsdp_dp2", 2), ("fsdp_ep2", 2), ("fsdp_ep2x2", 4)):
+        ranks = memory(name)
+        assert len(ranks) == n
+        for r in ranks:
+            assert one["dense_param_bytes"] / n <= r["dense_param_bytes"] <= 1.1 * one["dense_param_bytes"] / n
+            assert r["optimizer_bytes"] == 2 * r["param_bytes"] and r["peak_rss_bytes"] > 0
+        assert sum(r["param_bytes"] for r in ranks) >= one["param_bytes"]  # every element is somewhere

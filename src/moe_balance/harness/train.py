@@ -20,6 +20,8 @@ from collections.abc import Callable
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
+import torch.distributed as dist
+
 from .. import parallel as par
 from .._optional import require
 from ._files import RunDirectoryError
@@ -209,7 +211,22 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCo
             routing.remove()
     wall_seconds = wall_before + time.perf_counter() - started
     return _finish(model, corpus, cfg, out_dir, writer, parallel, wall_seconds=wall_seconds,
-                   train_tokens=tokens_per_step * cfg.steps, params=params)
+                   train_tokens=tokens_per_step * cfg.steps, params=params,
+                   memory_per_rank=_memory_per_rank(model, optimizer, parallel))
+
+
+def _memory_per_rank(model, optimizer, parallel: par.ParallelGroups | None) -> list[dict]:
+    """Each rank's parameter and optimizer-state bytes and its peak resident memory so far (the
+    final evaluation, which gathers the model on rank 0, comes after). Collective."""
+    import resource
+
+    mine = {**par.state_bytes(model, optimizer),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+    if parallel is None:
+        return [mine]
+    everyone = [None] * parallel.data_size
+    dist.all_gather_object(everyone, mine, group=parallel.data)
+    return everyone
 
 
 def _resume_state(cfg: TrainConfig, out_dir: Path, parallel: par.ParallelGroups | None) -> dict | None:

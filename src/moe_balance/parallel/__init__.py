@@ -29,10 +29,10 @@ from .experts import ShardedSwiGLUExperts, expert_ranks, parallelize
 from .fsdp import fully_shard_model, is_sharded
 from .gradients import clip_grad_norm, sync_gradients
 from .groups import ParallelGroups, broadcast_from_first, init_parallel, launch, shutdown, sum_over_ranks
-from .metrics import crossing_assignments, device_loads, ranks_per_token
+from .metrics import crossing_assignments, device_loads, ranks_per_token, state_bytes
 from .state import gather_optimizer_state, gather_state_dict, load_full_optimizer_state, load_full_state_dict
 
 __all__ = ["ParallelGroups", "ShardedSwiGLUExperts", "broadcast_from_first", "clip_grad_norm",
            "crossing_assignments", "device_loads", "expert_ranks", "fully_shard_model", "gather_optimizer_state", "gather_state_dict",
            "init_parallel", "is_sharded", "launch", "load_full_optimizer_state", "load_full_state_dict", "parallelize",
-           "ranks_per_token", "shutdown", "sum_over_ranks", "sync_gradients"]
+           "ranks_per_token", "shutdown", "state_bytes", "sum_over_ranks", "sync_gradients"]

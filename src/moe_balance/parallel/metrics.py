@@ -36,3 +36,23 @@ def device_loads(loads_LE: torch.Tensor, ep_size: int) -> dict:
     per_rank_LR = loads_LE.double().view(L, ep_size, E // ep_size).sum(-1)
     ratio_L = per_rank_LR.max(-1).values / per_rank_LR.mean(-1).clamp_min(1e-12)
     return {"device_loads": per_rank_LR.long().tolist(), "device_load_max_over_mean": float(ratio_L.mean())}
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """What this rank holds: bytes of its parameters (FSDP2 shards counted as their local part),
+    of which dense (not routed experts), and of its optimizer state."""
+    from .experts import _expert_param_ids
+    from .fsdp import local
+
+    def nbytes(t: torch.Tensor) -> int:
+        part = local(t)
+        return part.numel() * part.element_size()
+
+    experts = _expert_param_ids(model) | {id(p) for n, p in model.named_parameters() if ".experts.w_" in n}
+    params = list(model.parameters())
+    out = {"param_bytes": sum(nbytes(p) for p in params),
+           "dense_param_bytes": sum(nbytes(p) for p in params if id(p) not in experts)}
+    if optimizer is not None:
+        out["optimizer_bytes"] = sum(nbytes(v) for s in optimizer.state.values() for v in s.values()
+                                     if torch.is_tensor(v) and v.dim() > 0)
+    return out
