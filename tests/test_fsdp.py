@@ -2,7 +2,6 @@
 what is not, and training that equals one process step by step."""
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ from moe_balance.parallel import (fully_shard_model, gather_state_dict, init_par
                                   sync_gradients)
 from moe_balance.testing import init_gloo, spawn
 
-from test_parallel_harness import ENV, metrics, run, train_args
+from test_parallel_harness import ENV, metrics, resume_from_step_10, run, train_args
 
 
 def tiny_model() -> MoETransformer:
@@ -103,19 +102,9 @@ def test_fsdp_trains_exactly_like_one_process(fsdp_runs, name):
 
 
 def test_an_fsdp_checkpoint_resumes_on_one_process_and_on_another_layout(fsdp_runs, cache, tmp_path):
-    reference = metrics(fsdp_runs / "single")
     for procs, extra in ((1, []), (2, ["--fsdp"]), (2, ["--expert-parallel", "2"])):
-        out = tmp_path / f"resumed{procs}{''.join(extra)}"
-        shutil.copytree(fsdp_runs / "fsdp_ep2", out)
-        for name in ("ckpt-00000020.pt", "eval.json", "model.safetensors"):
-            (out / name).unlink()
-        proc = run(train_args(out, cache, "--resume", *extra), procs=procs)
-        assert proc.returncode == 0, proc.stderr
-        resumed = metrics(out)
-        assert [r["step"] for r in resumed] == list(range(1, 21))
-        for a, b in zip(reference[10:], resumed[10:]):
-            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
-            torch.testing.assert_close(torch.tensor(b["bias"]), torch.tensor(a["bias"]), rtol=0, atol=1e-6)
+        resume_from_step_10(fsdp_runs / "fsdp_ep2", tmp_path / f"resumed{procs}{''.join(extra)}", cache, procs,
+                            extra, metrics(fsdp_runs / "single"))
 
 
 def test_fsdp_without_processes_says_how_to_launch(cache, tmp_path):

@@ -34,6 +34,21 @@ def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def resume_from_step_10(run_dir, out, cache, procs, extra, reference):
+    """Copy a finished 20-step run without its last checkpoint and results, resume it from step
+    10 on ``procs`` processes with ``extra`` flags: steps 11-20 must equal ``reference``'s."""
+    shutil.copytree(run_dir, out)
+    for name in ("ckpt-00000020.pt", "eval.json", "model.safetensors"):
+        (out / name).unlink()
+    proc = run(train_args(out, cache, "--resume", *extra), procs=procs)
+    assert proc.returncode == 0, proc.stderr
+    resumed = metrics(out)
+    assert [r["step"] for r in resumed] == list(range(1, 21))
+    for a, b in zip(reference[10:], resumed[10:]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        torch.testing.assert_close(torch.tensor(b["bias"]), torch.tensor(a["bias"]), rtol=0, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache):
     """The issue's contract: one process, and torchrun with 2 expert-parallel processes."""
@@ -88,18 +103,8 @@ def test_a_parallel_checkpoint_resumes_in_any_layout(runs, cache, tmp_path):
     single = load_checkpoint(root / "single" / "ckpt-00000010.pt")
     for key, value in single["model"].items():
         torch.testing.assert_close(full["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
-    reference = metrics(root / "single")
     for procs, extra in ((2, ["--expert-parallel", "2"]), (1, [])):
-        out = tmp_path / f"resumed{procs}"
-        shutil.copytree(root / "ep2", out)
-        for name in ("ckpt-00000020.pt", "eval.json", "model.safetensors"):
-            (out / name).unlink()
-        proc = run(train_args(out, cache, "--resume", *extra), procs=procs)
-        assert proc.returncode == 0, proc.stderr
-        resumed = metrics(out)
-        assert [r["step"] for r in resumed] == list(range(1, 21))
-        for a, b in zip(reference[10:], resumed[10:]):
-            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        resume_from_step_10(root / "ep2", tmp_path / f"resumed{procs}", cache, procs, extra, metrics(root / "single"))
 
 
 def test_bad_layouts_fail_with_a_clear_error(cache, tmp_path):
