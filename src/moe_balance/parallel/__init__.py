@@ -25,6 +25,7 @@ statistics are all-reduced over ``groups.data``), so every rank's bias stays ide
 equals a single process's bias for the same global batch.
 """
 
+from .dcp import load_sharded, save_sharded
 from .experts import ShardedSwiGLUExperts, expert_ranks, parallelize
 from .fsdp import fully_shard_model, is_sharded
 from .gradients import clip_grad_norm, sync_gradients
@@ -34,5 +35,5 @@ from .state import gather_optimizer_state, gather_state_dict, load_full_optimize
 
 __all__ = ["ParallelGroups", "ShardedSwiGLUExperts", "broadcast_from_first", "clip_grad_norm",
            "crossing_assignments", "device_loads", "expert_ranks", "fully_shard_model", "gather_optimizer_state", "gather_state_dict",
-           "init_parallel", "is_sharded", "launch", "load_full_optimizer_state", "load_full_state_dict", "parallelize",
-           "ranks_per_token", "shutdown", "state_bytes", "sum_over_ranks", "sync_gradients"]
+           "init_parallel", "is_sharded", "launch", "load_full_optimizer_state", "load_full_state_dict", "load_sharded", "parallelize",
+           "ranks_per_token", "save_sharded", "shutdown", "state_bytes", "sum_over_ranks", "sync_gradients"]
