@@ -2,6 +2,7 @@
 what is not, and training that equals one process step by step."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -80,13 +81,14 @@ def fsdp_runs(tmp_path_factory, cache):
     2 without, and 4 with 2 x 2 (experts sharded by FSDP2 over the expert-data dimension too)."""
     root = tmp_path_factory.mktemp("runs")
     for name, procs, extra in (("single", 1, []), ("fsdp_ep2", 2, ["--fsdp", "--expert-parallel", "2"]),
-                               ("fsdp_dp2", 2, ["--fsdp"]), ("fsdp_ep2x2", 4, ["--fsdp", "--expert-parallel", "2"])):
+                               ("fsdp_dp2", 2, ["--fsdp"]), ("fsdp_ep2x2", 4, ["--fsdp", "--expert-parallel", "2"]),
+                               ("dcp_ep2", 2, ["--fsdp", "--expert-parallel", "2", "--checkpoint-format", "dcp"])):
         proc = run(train_args(root / name, cache, *extra), procs=procs, timeout=400)
         assert proc.returncode == 0, proc.stderr
     return root
 
 
-@pytest.mark.parametrize("name", ["fsdp_ep2", "fsdp_dp2", "fsdp_ep2x2"])
+@pytest.mark.parametrize("name", ["fsdp_ep2", "fsdp_dp2", "fsdp_ep2x2", "dcp_ep2"])
 def test_fsdp_trains_exactly_like_one_process(fsdp_runs, name):
     one, many = metrics(fsdp_runs / "single"), metrics(fsdp_runs / name)
     assert [r["step"] for r in many] == list(range(1, 21))
@@ -105,6 +107,32 @@ def test_an_fsdp_checkpoint_resumes_on_one_process_and_on_another_layout(fsdp_ru
     for procs, extra in ((1, []), (2, ["--fsdp"]), (2, ["--expert-parallel", "2"])):
         resume_from_step_10(fsdp_runs / "fsdp_ep2", tmp_path / f"resumed{procs}{''.join(extra)}", cache, procs,
                             extra, metrics(fsdp_runs / "single"))
+
+
+def test_a_sharded_checkpoint_has_one_file_per_rank_and_resumes_on_any_layout(fsdp_runs, cache, tmp_path):
+    run_dir = fsdp_runs / "dcp_ep2"
+    assert sorted(p.name for p in run_dir.glob("ckpt-*")) == ["ckpt-00000010.dcp", "ckpt-00000020.dcp"]
+    assert sorted(p.name for p in (run_dir / "ckpt-00000010.dcp").iterdir()) == \
+        [".metadata", "__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own part
+    for procs, extra in ((1, []), (2, ["--fsdp", "--checkpoint-format", "dcp"]), (2, ["--expert-parallel", "2"])):
+        resume_from_step_10(run_dir, tmp_path / f"resumed{procs}{''.join(extra)}", cache, procs, extra,
+                            metrics(fsdp_runs / "single"))
+
+
+def test_a_killed_sharded_save_leaves_the_previous_checkpoint(fsdp_runs, cache, tmp_path):
+    """What a rank killed during step 20's save leaves (simulated: the ranks' partial directory,
+    never renamed into place; a directory with the checkpoint's name but no DCP metadata):
+    the resume takes step 10's checkpoint, removes the debris and continues exactly."""
+    source = tmp_path / "source"
+    shutil.copytree(fsdp_runs / "dcp_ep2", source)
+    partial = source / ".ckpt-00000020.dcp.partial"
+    shutil.move(source / "ckpt-00000020.dcp", partial)
+    (partial / ".metadata").unlink()
+    (source / "ckpt-00000030.dcp").mkdir()
+    (source / "ckpt-00000030.dcp" / "__0_0.distcp").write_bytes(b"cut")
+    resume_from_step_10(source, tmp_path / "resumed", cache, 2, ["--fsdp", "--checkpoint-format", "dcp"],
+                        metrics(fsdp_runs / "single"))
+    assert not (tmp_path / "resumed" / ".ckpt-00000020.dcp.partial").exists()
 
 
 def test_fsdp_without_processes_says_how_to_launch(cache, tmp_path):

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -122,4 +123,7 @@ def remove_orphan_temporaries(out_dir: str | Path) -> list[Path]:
     orphans = [p for p in out_dir.glob(".ckpt-*.tmp")] if out_dir.is_dir() else []
     for p in orphans:
         p.unlink(missing_ok=True)
-    return orphans
+    partial = [p for p in out_dir.glob(".ckpt-*.dcp.partial")] if out_dir.is_dir() else []
+    for p in partial:  # a sharded save that was killed (harness.sharded)
+        shutil.rmtree(p, ignore_errors=True)
+    return orphans + partial

@@ -38,6 +38,7 @@ from .state import (
     _save_weights,
     _training_state,
 )
+from .sharded import load_sharded_checkpoint, newest_sharded, save_sharded_checkpoint
 from .step import DistributedFailure, NonFiniteTraining, _RankStats, _train_step
 from .train_config import (  # noqa: F401
     MAX_CONSECUTIVE_SKIPS,
@@ -149,7 +150,13 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCo
     optimizer, scheduler = build_optimizer(model, cfg)
     start_step, wall_before = 0, 0.0
     state = _resume_state(cfg, out_dir, parallel) if resume else None
-    if state is not None:
+    sharded = newest_sharded(out_dir, parallel) if resume else None
+    if sharded is not None and (state is None or sharded[0] > state["step"]):  # the newer of the two kinds
+        if main:
+            _check_same_config(out_dir, cfg)
+        resumed = load_sharded_checkpoint(sharded[1], model, optimizer, scheduler, parallel)
+        start_step, wall_before = resumed["step"], resumed["wall_seconds"]
+    elif state is not None:
         _load_training_state(model, optimizer, scheduler, state, parallel)
         start_step, wall_before = state["step"], state.get("wall_seconds", 0.0)
     metrics_path = out_dir / "metrics.jsonl"
@@ -178,7 +185,7 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCo
                 if not main:  # rank 0 logs and saves; the others take part in the gathering only
                     done = step
                     if _checkpoint_due(cfg, step):
-                        _training_state(model, optimizer, scheduler, step, parallel)
+                        _save_checkpoint(cfg, out_dir, step, model, optimizer, scheduler, parallel, 0.0)
                     if on_step is not None:
                         on_step(step, record)
                     continue
@@ -199,9 +206,8 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCo
                 if not record.get("skipped"):
                     bar.set_postfix(loss=f"{record['loss']:.3f}", maxvio=f"{record['maxvio_batch']:.2f}")
                 if _checkpoint_due(cfg, step):
-                    state = _training_state(model, optimizer, scheduler, step, parallel)
-                    state["wall_seconds"] = wall_before + time.perf_counter() - started
-                    save_checkpoint(out_dir, step, state)
+                    _save_checkpoint(cfg, out_dir, step, model, optimizer, scheduler, parallel,
+                                     wall_before + time.perf_counter() - started)
                 if on_step is not None:
                     on_step(step, record)
     except KeyboardInterrupt:
@@ -291,6 +297,19 @@ def _finish(model, corpus: TokenizedCorpus, cfg: TrainConfig, out_dir: Path, wri
         atomic_write(out_dir / "eval.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
         _save_weights(full, out_dir / "model.safetensors")
     return result if parallel is None else par.broadcast_from_first(result, parallel)
+
+
+def _save_checkpoint(cfg: TrainConfig, out_dir: Path, step: int, model, optimizer, scheduler,
+                     parallel: par.ParallelGroups | None, wall_seconds: float) -> None:
+    """Step ``step``'s checkpoint: sharded (every rank writes its part) or one file gathered on
+    rank 0, which alone writes it (the others take part in the gathering). Collective."""
+    if cfg.checkpoint_format == "dcp":
+        save_sharded_checkpoint(out_dir, step, model, optimizer, scheduler, parallel, wall_seconds)
+        return
+    state = _training_state(model, optimizer, scheduler, step, parallel)
+    if parallel is None or parallel.data_rank == 0:
+        state["wall_seconds"] = wall_seconds
+        save_checkpoint(out_dir, step, state)
 
 
 def _checkpoint_due(cfg: TrainConfig, step: int) -> bool:

@@ -55,6 +55,7 @@ class TrainConfig:
     gating_residual: bool | None = None  # add the previous MoE layer's router logits (MoE++)
     expert_width_ratios: str | None = None  # HMoE: e.g. "0.5,1.5": expert widths x the preset's, repeated
     locality_bonus: float = 0.0        # expert parallel: selection bonus for the token's own rank's experts
+    checkpoint_format: str = "torch"   # "torch": one file gathered on rank 0; "dcp": sharded, each rank its part
     fsdp: bool = False                 # under torchrun: FSDP2 shards parameters, gradients and optimizer state
 
     def __post_init__(self) -> None:
@@ -77,6 +78,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (integer(value) and value >= 0):
                 raise ValueError(f"TrainConfig.{name}={value!r} must be an integer >= 0 or None")
+        if self.checkpoint_format not in ("torch", "dcp"):
+            raise ValueError(f"TrainConfig.checkpoint_format={self.checkpoint_format!r} must be 'torch' or 'dcp'")
         if not isinstance(self.fsdp, bool):
             raise ValueError(f"TrainConfig.fsdp={self.fsdp!r} must be True or False")
         if self.gating_residual is not None and not isinstance(self.gating_residual, bool):

@@ -1,0 +1,81 @@
+"""Sharded checkpoints in a run directory (``--checkpoint-format dcp``): ``ckpt-<step>.dcp/``,
+a ``torch.distributed.checkpoint`` directory that every rank writes its own part of
+(``parallel.save_sharded``) and any layout resumes (``parallel.load_sharded``).
+
+Atomic like the single-file checkpoints: the ranks write into ``.ckpt-<step>.dcp.partial/``,
+and rank 0 renames it into place only after every rank has finished, so a save killed midway
+leaves the previous checkpoint as the newest one. A checkpoint directory without DCP's
+``.metadata`` (written last) is never used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from .. import parallel as par
+
+_NAME = re.compile(r"^ckpt-(\d{8})\.dcp$")
+
+
+def sharded_path(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / f"ckpt-{step:08d}.dcp"
+
+
+def list_sharded(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete sharded checkpoints in ``out_dir`` as (step, path), oldest first."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in out_dir.iterdir()
+                  if (m := _NAME.match(p.name)) and (p / ".metadata").is_file())
+
+
+def _sync(parallel: par.ParallelGroups | None) -> None:
+    if parallel is not None:
+        par.broadcast_from_first(None, parallel)
+
+
+def save_sharded_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler,
+                            parallel: par.ParallelGroups | None, wall_seconds: float, keep: int = 2) -> Path:
+    """Every rank writes its part of step ``step``'s checkpoint; rank 0 then renames it into
+    place and keeps the newest ``keep``. Collective."""
+    main = parallel is None or parallel.data_rank == 0
+    final, partial = sharded_path(out_dir, step), Path(out_dir) / f".ckpt-{step:08d}.dcp.partial"
+    if main:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a killed save
+    _sync(parallel)
+    extra = {"step": step, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+             "wall_seconds": wall_seconds}
+    par.save_sharded(partial, model, optimizer, parallel, extra=extra)
+    _sync(parallel)  # every rank's files are on disk
+    if main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        for _, old in list_sharded(out_dir)[:-keep]:
+            shutil.rmtree(old)
+    _sync(parallel)
+    return final
+
+
+def newest_sharded(out_dir: Path, parallel: par.ParallelGroups | None) -> tuple[int, Path] | None:
+    """The newest complete sharded checkpoint, as rank 0 sees it, on every rank. Collective."""
+    found = None
+    if parallel is None or parallel.data_rank == 0:
+        complete = list_sharded(out_dir)
+        found = complete[-1] if complete else None
+    return found if parallel is None else par.broadcast_from_first(found, parallel)
+
+
+def load_sharded_checkpoint(path: Path, model, optimizer, scheduler, parallel: par.ParallelGroups | None) -> dict:
+    """Load a sharded checkpoint written by any layout; returns its step and wall seconds."""
+    extra = {"step": 0, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "wall_seconds": 0.0}
+    extra = par.load_sharded(path, model, optimizer, parallel, extra=extra)
+    scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["torch_rng"])
+    return {"step": int(extra["step"]), "wall_seconds": float(extra["wall_seconds"])}
