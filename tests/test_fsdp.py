@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from moe_balance import LossFree, MoEConfig, RouterConfig, update_balancers
+from moe_balance.harness.checkpoint import load_checkpoint
 from moe_balance.harness.model import ModelConfig, MoETransformer
 from moe_balance.parallel import (fully_shard_model, gather_state_dict, init_parallel, is_sharded, parallelize,
                                   sync_gradients)
@@ -158,3 +159,32 @@ def test_fsdp_holds_a_share_of_the_parameters_and_optimizer_state_per_rank(fsdp_
             assert one["dense_param_bytes"] / n <= r["dense_param_bytes"] <= 1.1 * one["dense_param_bytes"] / n
             assert r["optimizer_bytes"] == 2 * r["param_bytes"] and r["peak_rss_bytes"] > 0
         assert sum(r["param_bytes"] for r in ranks) >= one["param_bytes"]  # every element is somewhere
+
+
+def test_convert_checkpoint_round_trip_is_exact_and_the_converted_file_resumes(fsdp_runs, cache, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(fsdp_runs / "dcp_ep2", run_dir)
+
+    def convert(src, dst):
+        proc = subprocess.run([sys.executable, "-m", "moe_balance", "convert-checkpoint", str(src), str(dst)],
+                              capture_output=True, text=True, env=ENV, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "torch.distributed is disabled" not in proc.stderr
+        return proc
+
+    one_file = run_dir / "ckpt-00000010.pt"
+    convert(run_dir / "ckpt-00000010.dcp", one_file)
+    convert(one_file, run_dir / "again.dcp")
+    convert(run_dir / "again.dcp", run_dir / "again.pt")
+    assert (run_dir / "again.pt").read_bytes() == one_file.read_bytes()  # the round trip is exact
+    state, single = load_checkpoint(one_file), load_checkpoint(fsdp_runs / "single" / "ckpt-00000010.pt")
+    assert state["step"] == 10
+    for key, value in single["model"].items():  # the single-process layout, the same weights
+        torch.testing.assert_close(state["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+    refused = subprocess.run([sys.executable, "-m", "moe_balance", "convert-checkpoint", str(one_file),
+                              str(run_dir / "again.pt")], capture_output=True, text=True, env=ENV, timeout=120)
+    assert refused.returncode == 2 and "exists; choose a new name" in refused.stderr
+    for name in ("ckpt-00000010.dcp", "again.dcp"):  # resume from the converted single file
+        shutil.rmtree(run_dir / name)
+    (run_dir / "again.pt").unlink()
+    resume_from_step_10(run_dir, tmp_path / "resumed", cache, 1, [], metrics(fsdp_runs / "single"))

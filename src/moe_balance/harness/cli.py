@@ -152,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-extras", action="store_true", help="leave out the router overhead and the training step")
     p.add_argument("--json", action="store_true", help="print a JSON list of rows instead of the table")
 
+    p = sub.add_parser("convert-checkpoint", help="a run's checkpoint in the other format: a sharded "
+                                                 "ckpt-<step>.dcp directory to one file, or one file to a sharded directory")
+    p.add_argument("src", help="ckpt-<step>.dcp (a directory) or ckpt-<step>.pt, inside its run directory")
+    p.add_argument("dst", help="the new checkpoint's path (must not exist)")
+
     p = sub.add_parser("plan-placement", help="place experts on devices minimising the busiest device's load, "
                                              "from a run's logged per-expert loads")
     p.add_argument("metrics", help="a run directory or its eval.json (per-expert validation loads)")
@@ -254,6 +259,10 @@ def _run(args, command_line: str, parallel) -> int:
                 print(f"{'':<24} reference: {m.reference}")
     elif args.command == "bench":
         _bench(args)
+    elif args.command == "convert-checkpoint":
+        from .sharded import convert_checkpoint
+
+        print(convert_checkpoint(args.src, args.dst))
     elif args.command == "plan-placement":
         _print_placement(args.metrics, args.devices, args.method, args.time_limit)
     elif args.command == "params":

@@ -79,3 +79,46 @@ def load_sharded_checkpoint(path: Path, model, optimizer, scheduler, parallel: p
     scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["torch_rng"])
     return {"step": int(extra["step"]), "wall_seconds": float(extra["wall_seconds"])}
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """A run's checkpoint in the other format: a sharded ``ckpt-<step>.dcp`` directory becomes a
+    single file (``ckpt-<step>.pt``'s format), a single file a sharded directory. The run's
+    ``config.json`` (beside ``src``) says what model and optimizer to build. One process; the
+    content is the same training state, so the round trip is exact."""
+    import dataclasses
+    import json
+
+    from .checkpoint import _encode, atomic_write, load_checkpoint
+    from .state import _load_training_state, _training_state
+    from .train_config import TrainConfig, build_model, build_optimizer
+
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        raise ValueError(f"convert-checkpoint: {dst} exists; choose a new name")
+    config_path = src.parent / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"convert-checkpoint: {src} is not in a run directory (no {config_path})")
+    run = json.loads(config_path.read_text())
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in run["train"].items() if k in names})
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights; the checkpoint's RNG state wins
+        model = build_model(cfg, run["vocab_size"])
+    optimizer, scheduler = build_optimizer(model, cfg)
+    if src.is_dir():
+        if not (src / ".metadata").is_file():
+            raise ValueError(f"convert-checkpoint: {src} is not a complete sharded checkpoint (no .metadata)")
+        resumed = load_sharded_checkpoint(src, model, optimizer, scheduler, None)
+        state = _training_state(model, optimizer, scheduler, resumed["step"], None)
+        state["wall_seconds"] = resumed["wall_seconds"]
+        atomic_write(dst, lambda tmp: tmp.write_bytes(_encode(state)))
+        return dst
+    state = load_checkpoint(src)
+    _load_training_state(model, optimizer, scheduler, state, None)
+    partial = dst.parent / f".{dst.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    extra = {"step": state["step"], "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+             "wall_seconds": state.get("wall_seconds", 0.0)}
+    par.save_sharded(partial, model, optimizer, None, extra=extra)
+    os.replace(partial, dst)
+    return dst

@@ -14,7 +14,9 @@ left to DCP: its planner writes a replicated entry once and reshards DTensors on
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -86,6 +88,14 @@ def _layout_free(model: nn.Module, optimizer, groups) -> dict:
     return {"model": out_model, "optimizer": {"state": out_state, "param_groups": optim_sd["param_groups"]}}
 
 
+@contextlib.contextmanager
+def _one_process_is_fine():
+    """Silence DCP's warning that it runs without torch.distributed: one process is a layout too."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                  groups: ParallelGroups | None = None, extra: dict | None = None) -> None:
     """Write the model, the optimizer and ``extra`` (any tensors or picklable values: step,
@@ -94,7 +104,8 @@ def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
 
     state = _layout_free(model, optimizer, groups)
     state["extra"] = extra or {}
-    dcp.save(state, checkpoint_id=str(path))
+    with _one_process_is_fine():
+        dcp.save(state, checkpoint_id=str(path))
 
 
 def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -107,7 +118,8 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
 
     state = _layout_free(model, optimizer, groups)
     state["extra"] = dict(extra or {})
-    dcp.load(state, checkpoint_id=str(path))
+    with _one_process_is_fine():
+        dcp.load(state, checkpoint_id=str(path))
     model_sd, optim_sd = get_state_dict(model, optimizer)
     experts = _expert_keys(model)
     for k in experts:
