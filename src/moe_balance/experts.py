@@ -214,6 +214,7 @@ class _RoutedExperts(nn.Module, abc.ABC):
 
     def _loop(self, x_AD, tokens_per_expert):
         outputs = []
+        # host sync: the reference loop splits by the counts on the host (use grouped_mm on a GPU)
         for e, x_e in enumerate(torch.split(x_AD, tokens_per_expert.tolist())):
             outputs.append(_swiglu(x_e, *self.expert_weights(e)))
         return torch.cat(outputs) if outputs else x_AD.new_zeros(0, x_AD.shape[-1])
@@ -227,7 +228,7 @@ def _bmm_swiglu(x_AD, tokens_per_expert, w_gate, w_up, w_down):
     counts = tokens_per_expert.to(x_AD.device)
     expert_ids = torch.repeat_interleave(torch.arange(E, device=x_AD.device), counts, output_size=A)
     rank = torch.arange(A, device=x_AD.device) - (torch.cumsum(counts, 0) - counts)[expert_ids]
-    C = int(counts.max())
+    C = int(counts.max())  # host sync: the padded width; grouped_mm (the GPU path) needs none
     x_ECD = x_AD.new_zeros(E, C, x_AD.shape[-1]).index_put((expert_ids, rank), x_AD)
     h_ECH = F.silu(torch.bmm(x_ECD, w_gate)) * torch.bmm(x_ECD, w_up)
     y_ECD = torch.bmm(h_ECH, w_down)

@@ -156,6 +156,7 @@ class MoE(nn.Module):
         ``ConstantExperts``, without any matmul."""
         c = self.config
         E = c.num_experts
+        # host sync: MoE++ layers split the rows by expert kind, sizes the host must know
         per_kind = kind_loads(decision.tokens_per_expert, c).tolist()  # kept assignments per kind
         ffn_x, zero_x, copy_x, constant_x = x_AD.split(per_kind)
         # no FFN assignment at all: no call into the FFN path (not even an empty matmul)

@@ -126,6 +126,7 @@ class LossFreeBalancer(Balancer):
         for buffer in pending:
             buffer.zero_()
         counts_E, *summed = flat.split([buffer.numel() for buffer in pending])
+        # host sync, once per optimizer step (not in the forward or backward): whether to update
         if int(counts_E.sum()) == 0:
             return
         spec = self.spec

@@ -75,7 +75,8 @@ def sequence_aux_loss(scores_BSE: torch.Tensor, selected_BSK: torch.Tensor,
         terms_BE = terms_BE * expert_weights_E
     per_seq_B = E * terms_BE.sum(-1)
     has_tokens_B = n_valid_B > 0
-    return per_seq_B[has_tokens_B].mean() if has_tokens_B.any() else per_seq_B.sum() * 0
+    # the mean over sequences with tokens (0 when none has any), without a host sync
+    return (per_seq_B * has_tokens_B).sum() / has_tokens_B.sum().clamp_min(1)
 
 
 def dynamic_loss(scores_TE: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> torch.Tensor:

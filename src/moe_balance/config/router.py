@@ -46,7 +46,9 @@ class RouterConfig:
         separately (default: every token of the forward at once), formed from a random
         permutation of the tokens with ``shuffle_tokens`` (the Loss-Free paper's mitigation
         test, sec. 5.2: the leak is diluted, not removed).
-    check_finite: raise on NaN/inf router logits (costs one device sync per forward).
+    check_finite: fail on NaN/inf router logits: a FloatingPointError on the CPU; on a GPU an
+        asynchronous device assertion (no host sync; the next synchronising call fails with a
+        device-side assert, which ends the process's CUDA context: resume from a checkpoint).
     """
 
     method: str = "top_k"

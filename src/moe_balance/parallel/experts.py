@@ -59,6 +59,8 @@ class ShardedSwiGLUExperts(SwiGLUExperts):
         received_RL = torch.empty_like(counts_E)
         dist.all_to_all_single(received_RL, counts_E.contiguous(), group=self.group)
         received_RL = received_RL.view(ep, L)
+        # all_to_all_single takes its split sizes as Python lists (as torchtitan's dispatch does):
+        # host sync, the one of the expert-parallel forward (the backward reuses the sizes)
         send_R = counts_E.view(ep, L).sum(1).tolist()
         recv_R = received_RL.sum(1).tolist()
         self.last_sent_rows = sum(send_R) - send_R[rank]

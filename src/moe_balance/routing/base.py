@@ -89,6 +89,8 @@ class Router(nn.Module, abc.ABC):
 
         capacity_per_expert = None
         if cfg.capacity_factor is not None and self.uses_capacity:
+            # host sync (masked input only): capacity is counted over real tokens, and dropping
+            # makes the number of assignments data-dependent anyway
             num_valid = x_TD.shape[0] if token_mask_T is None else int(token_mask_T.sum())
             capacity_per_expert = capacity(num_valid, self.num_experts, self.top_k, cfg.capacity_factor)
         by_probs = capacity_per_expert is not None and cfg.drop_policy == "probs"
@@ -107,12 +109,12 @@ _NONFINITE = ("router logits contain NaN or inf (check the input activations and
 
 
 def _check_finite(logits_TE: torch.Tensor) -> None:
-    """FloatingPointError on NaN or inf logits. Under torch.compile an asynchronous device
-    assertion instead (a RuntimeError carrying the same words), so the check costs no host
-    synchronisation and no graph break."""
-    if torch.compiler.is_compiling():
+    """FloatingPointError on NaN or inf logits, on the CPU. On an accelerator, and under
+    torch.compile, an asynchronous device assertion instead (a RuntimeError at the next
+    synchronising call), so the check costs no host synchronisation and no graph break."""
+    if torch.compiler.is_compiling() or logits_TE.device.type != "cpu":
         torch._assert_async(torch.isfinite(logits_TE).all(), _NONFINITE)
-    elif not torch.isfinite(logits_TE).all():
+    elif not torch.isfinite(logits_TE).all():  # CPU: reading a CPU bool is no device sync
         raise FloatingPointError(_NONFINITE)
 
 

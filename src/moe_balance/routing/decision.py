@@ -107,7 +107,7 @@ def mask_to_slots(selected_TE: torch.Tensor) -> torch.Tensor:
     """(T, E) bool membership -> (T, K) expert ids in increasing order, -1 padded, K the most
     experts any token has (0 when none has any)."""
     T, E = selected_TE.shape
-    k_max = int(selected_TE.sum(-1).max()) if T else 0
+    k_max = int(selected_TE.sum(-1).max()) if T else 0  # host sync: the width is data-dependent
     ids_TE = torch.where(selected_TE, torch.arange(E, device=selected_TE.device), E)
     slots_TK = ids_TE.sort(dim=-1).values[:, :k_max]
     return slots_TK.masked_fill(slots_TK == E, -1)
@@ -156,7 +156,7 @@ def sort_assignments(
     weights = weights_TK.reshape(-1)
     if priority_TK is not None:
         priority_TK = priority_TK.reshape(-1)
-    if not all_filled:
+    if not all_filled:  # host sync (boolean indexing): ragged routers and padding masks only
         keep = expert_ids >= 0  # empty slots (-1) of ragged routers and padding tokens
         if token_mask_T is not None:
             keep = keep & token_mask_T.repeat_interleave(K)
@@ -174,7 +174,7 @@ def sort_assignments(
         return token_ids, expert_ids, weights, routed, routed
     starts = torch.cumsum(routed, 0) - routed
     rank = torch.arange(expert_ids.numel(), device=expert_ids.device) - starts[expert_ids]
-    keep = rank < capacity_per_expert
+    keep = rank < capacity_per_expert  # host sync (boolean indexing): dropping is data-dependent
     kept_tokens = torch.clamp(routed, max=capacity_per_expert)
     return token_ids[keep], expert_ids[keep], weights[keep], kept_tokens, routed
 

@@ -58,7 +58,7 @@ class ExpertChoiceRouter(Router):
         experts_E = torch.arange(E, device=selection_TE.device)
         for rows_N in batches:
             valid_N = valid_T[rows_N]
-            n = int(valid_N.sum())
+            n = int(valid_N.sum())  # host sync: each group's capacity counts its real tokens
             if n == 0:
                 continue
             per_expert = n if math.isinf(cfg.capacity_factor) else min(n, math.ceil(cfg.capacity_factor * n / E))

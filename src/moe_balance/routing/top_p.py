@@ -31,7 +31,7 @@ class TopPRouter(Router):
         n_T = self.experts_needed(scores_TE)
         if token_mask_T is not None:
             n_T = n_T.masked_fill(~token_mask_T, 0)
-        k_max = int(n_T.max()) if n_T.numel() else 0
+        k_max = int(n_T.max()) if n_T.numel() else 0  # host sync: top-p's width is data-dependent
         top_TK = selection_TE.topk(k_max, dim=-1).indices
         slots_TK = torch.arange(k_max, device=selection_TE.device).expand_as(top_TK)
         return top_TK.masked_fill(slots_TK >= n_T.unsqueeze(-1), -1)

@@ -65,6 +65,7 @@ MIN_STEP_FRACTION = 1e-4  # the first bin edge, as a fraction of max_step
 def margin_edges(max_step: float, num_bins: int = NUM_BINS, device=None) -> torch.Tensor:
     """(B,) float64 upper bin edges, geometric from max_step * 1e-4 to max_step; the first bin
     also holds margins in [0, edge_0)."""
+    # no host sync in fact: CPU scalars made from Python floats, once, when the balancer is built
     return torch.logspace(torch.log10(torch.tensor(max_step * MIN_STEP_FRACTION)).item(),
                           torch.log10(torch.tensor(max_step)).item(), num_bins,
                           dtype=torch.float64, device=device)
