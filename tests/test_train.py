@@ -457,8 +457,8 @@ class _Poison:
         self.model = self.optimizer = None
         build_model, build_optimizer = train_module.build_model, train_module.build_optimizer
 
-        def poisoned_model(cfg, vocab_size):
-            self.model = build_model(cfg, vocab_size)
+        def poisoned_model(cfg, vocab_size, device=None):
+            self.model = build_model(cfg, vocab_size, device)
             target = self.model.lm_head if where == "loss" else self.model.blocks[-1].ffn_norm
             target.register_forward_hook(self._hook)
             return self.model

@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parallel = None
     try:
         if hasattr(args, "expert_parallel"):
-            parallel = launch(args.expert_parallel, args.dist_timeout)
+            # the preset's device unless --device says otherwise (every preset's is auto)
+            parallel = launch(args.expert_parallel, args.dist_timeout, getattr(args, "device", "auto"))
         return _run(args, command_line, parallel)
     except TrainingInterrupted as stop:
         if args.debug:

@@ -43,12 +43,14 @@ def evaluate(model: MoETransformer, corpus: TokenizedCorpus, cfg: TrainConfig) -
 
     hooks = [layer.register_forward_hook(lambda mod, args, out, i=i: record(i, out.decision))
              for i, layer in enumerate(model.moe_layers)]
+    device = next(model.parameters()).device
     for tokens_BS1, domain_B in eval_windows(corpus.val, seq_len=cfg.seq_len, max_tokens=cfg.eval_tokens,
                                              batch_size=cfg.eval_batch_size):
         for d in domain_B.unique().tolist():
             rows = domain_B == d
-            with _autocast(cfg):
-                out = model(tokens_BS1[rows, :-1], tokens_BS1[rows, 1:])
+            tokens = tokens_BS1[rows].to(device)
+            with _autocast(cfg, device.type):
+                out = model(tokens[:, :-1], tokens[:, 1:])
             n = int(rows.sum()) * cfg.seq_len
             loss_sum += float(out.lm_loss) * n
             token_count += n
@@ -66,8 +68,8 @@ def evaluate(model: MoETransformer, corpus: TokenizedCorpus, cfg: TrainConfig) -
              for i, layer in enumerate(model.moe_layers)]
     for tokens_BS1, _ in eval_windows(corpus.train, seq_len=cfg.seq_len, max_tokens=cfg.eval_tokens,
                                       batch_size=cfg.eval_batch_size):
-        with _autocast(cfg):
-            train_windows.add(model(tokens_BS1[:, :-1]).layer_loads)
+        with _autocast(cfg, device.type):
+            train_windows.add(model(tokens_BS1[:, :-1].to(device)).layer_loads)
     for hook in hooks:
         hook.remove()
     model.train(was_training)

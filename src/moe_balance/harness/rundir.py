@@ -36,9 +36,10 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 # Fields that change no result: a resumed run may set them differently.
 # may change on --resume: they do not change what is trained (nonfinite: a run stopped by a NaN
 # can be resumed with --nonfinite skip; fsdp: checkpoints hold the single-process layout;
-# checkpoint_format: resume reads the newest checkpoint of either kind)
+# checkpoint_format: resume reads the newest checkpoint of either kind; device: checkpoints are
+# read onto the CPU and moved, so a GPU run continues on the CPU and back)
 _RESUME_FREE_FIELDS = {"checkpoint_every", "log_every", "cache_dir", "eval_every", "nonfinite", "fsdp",
-                       "checkpoint_format"}
+                       "checkpoint_format", "device"}
 
 
 def _check_same_config(out_dir: Path, cfg: TrainConfig) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import parallel as par
+from .state import _rng_states, _set_rng_states
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.dcp$")
 
@@ -49,8 +50,7 @@ def save_sharded_checkpoint(out_dir: Path, step: int, model, optimizer, schedule
     if main:
         shutil.rmtree(partial, ignore_errors=True)  # left by a killed save
     _sync(parallel)
-    extra = {"step": step, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-             "wall_seconds": wall_seconds}
+    extra = {"step": step, "scheduler": scheduler.state_dict(), **_rng_extra(_rng_states()), "wall_seconds": wall_seconds}
     par.save_sharded(partial, model, optimizer, parallel, extra=extra)
     _sync(parallel)  # every rank's files are on disk
     if main:
@@ -72,12 +72,30 @@ def newest_sharded(out_dir: Path, parallel: par.ParallelGroups | None) -> tuple[
     return found if parallel is None else par.broadcast_from_first(found, parallel)
 
 
-def load_sharded_checkpoint(path: Path, model, optimizer, scheduler, parallel: par.ParallelGroups | None) -> dict:
-    """Load a sharded checkpoint written by any layout; returns its step and wall seconds."""
-    extra = {"step": 0, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "wall_seconds": 0.0}
+def _rng_extra(states: dict) -> dict:
+    """RNG states as DCP extra entries: the GPU's as bytes (b"" for none), so that a checkpoint
+    of a CPU run and one of a GPU run have the same entries and load into either."""
+    cuda = states.get("cuda_rng")
+    return {"torch_rng": states["torch_rng"], "cuda_rng": b"" if cuda is None else cuda.cpu().numpy().tobytes()}
+
+
+def _rng_from_extra(extra: dict) -> dict:
+    states = {"torch_rng": extra["torch_rng"]}
+    if extra.get("cuda_rng"):
+        states["cuda_rng"] = torch.frombuffer(bytearray(extra["cuda_rng"]), dtype=torch.uint8)
+    return states
+
+
+def load_sharded_checkpoint(path: Path, model, optimizer, scheduler, parallel: par.ParallelGroups | None,
+                            rng_out: dict | None = None) -> dict:
+    """Load a sharded checkpoint written by any layout; returns its step and wall seconds.
+    rng_out: filled with the checkpoint's RNG entries (``_rng_extra``'s form)."""
+    extra = {"step": 0, "scheduler": scheduler.state_dict(), **_rng_extra(_rng_states()), "wall_seconds": 0.0}
     extra = par.load_sharded(path, model, optimizer, parallel, extra=extra)
     scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["torch_rng"])
+    _set_rng_states(_rng_from_extra(extra))
+    if rng_out is not None:
+        rng_out.update(torch_rng=extra["torch_rng"], cuda_rng=extra["cuda_rng"])
     return {"step": int(extra["step"]), "wall_seconds": float(extra["wall_seconds"])}
 
 
@@ -108,8 +126,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> Path:
     if src.is_dir():
         if not (src / ".metadata").is_file():
             raise ValueError(f"convert-checkpoint: {src} is not a complete sharded checkpoint (no .metadata)")
-        resumed = load_sharded_checkpoint(src, model, optimizer, scheduler, None)
+        rng = {"torch_rng": torch.get_rng_state(), "cuda_rng": b""}
+        resumed = load_sharded_checkpoint(src, model, optimizer, scheduler, None, rng_out=rng)
         state = _training_state(model, optimizer, scheduler, resumed["step"], None)
+        state.update(_rng_from_extra(rng))  # the checkpoint's, the GPU's included
         state["wall_seconds"] = resumed["wall_seconds"]
         atomic_write(dst, lambda tmp: tmp.write_bytes(_encode(state)))
         return dst
@@ -117,7 +137,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> Path:
     _load_training_state(model, optimizer, scheduler, state, None)
     partial = dst.parent / f".{dst.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    extra = {"step": state["step"], "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+    extra = {"step": state["step"], "scheduler": scheduler.state_dict(), **_rng_extra(state),
              "wall_seconds": state.get("wall_seconds", 0.0)}
     par.save_sharded(partial, model, optimizer, None, extra=extra)
     os.replace(partial, dst)

@@ -24,7 +24,22 @@ def _training_state(model, optimizer, scheduler, step: int, parallel: par.Parall
         model_state = par.gather_state_dict(model, parallel)
         optimizer_state = par.gather_optimizer_state(optimizer, model, parallel)
     return {"step": step, "model": model_state, "optimizer": optimizer_state,
-            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+            "scheduler": scheduler.state_dict(), **_rng_states()}
+
+
+def _rng_states() -> dict:
+    """The torch RNG states a checkpoint holds: the CPU's, and the current GPU's once CUDA is in
+    use (expert choice's token shuffle draws there)."""
+    states = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_initialized():
+        states["cuda_rng"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _set_rng_states(state: dict) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_initialized():  # a CPU resume of a GPU run needs none
+        torch.cuda.set_rng_state(state["cuda_rng"])
 
 
 def _load_training_state(model, optimizer, scheduler, state: dict, parallel: par.ParallelGroups | None) -> None:
@@ -35,7 +50,7 @@ def _load_training_state(model, optimizer, scheduler, state: dict, parallel: par
         par.load_full_state_dict(model, state["model"], parallel)
         par.load_full_optimizer_state(optimizer, model, state["optimizer"], parallel)
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
+    _set_rng_states(state)
 
 
 def _full_model(model: MoETransformer, parallel: par.ParallelGroups | None) -> MoETransformer | None:
@@ -49,7 +64,7 @@ def _full_model(model: MoETransformer, parallel: par.ParallelGroups | None) -> M
     with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the run's RNG alone
         full = MoETransformer(model.config)
     full.load_state_dict(state)
-    return full.train(model.training)
+    return full.to(next(model.parameters()).device).train(model.training)
 
 
 def _prepare(cfg: TrainConfig, progress: bool, parallel: par.ParallelGroups | None) -> TokenizedCorpus:

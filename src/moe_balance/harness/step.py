@@ -40,6 +40,8 @@ class _RankStats:
     def _record(self, layer, args, out) -> None:
         if not (layer.training and torch.is_grad_enabled()):
             return
+        # host sync, in expert-parallel runs only, whose all-to-all has synchronised this forward
+        # already (its split sizes): the routing metrics are counted on the host
         selected_TK = out.decision.selected.detach().cpu()
         if out.decision.token_mask is not None:
             selected_TK = selected_TK[out.decision.token_mask.cpu()]
@@ -76,7 +78,9 @@ def _train_step(model, optimizer, scheduler, sampler, cfg: TrainConfig, step: in
     rate at step s stays the schedule's value at s), and the record says ``"skipped": true``.
     """
     loads_LE = kinds_L4 = None
-    sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0}
+    device = next(model.parameters()).device
+    # float64 on the device: the micro-batches' losses are summed without a host sync
+    sums = {key: torch.zeros((), dtype=torch.float64, device=device) for key in ("loss", "lm_loss", "aux_loss")}
     lr = optimizer.param_groups[0]["lr"]
     problem = None
     try:
@@ -84,11 +88,12 @@ def _train_step(model, optimizer, scheduler, sampler, cfg: TrainConfig, step: in
             tokens_BS1, _ = sampler.batch((step - 1) * cfg.grad_accum + micro)
             if parallel is not None:  # this rank's equal share of the global batch
                 tokens_BS1 = tokens_BS1.chunk(parallel.data_size)[parallel.data_rank]
-            with _autocast(cfg):
+            tokens_BS1 = tokens_BS1.to(device, non_blocking=True)
+            with _autocast(cfg, device.type):
                 out = model(tokens_BS1[:, :-1], tokens_BS1[:, 1:])
             (out.loss / cfg.grad_accum).backward()
             for key in sums:
-                sums[key] += getattr(out, key).item() / cfg.grad_accum
+                sums[key] += getattr(out, key).detach().double() / cfg.grad_accum
             loads = torch.stack(out.layer_loads)
             loads_LE = loads if loads_LE is None else loads_LE + loads
             kinds = torch.stack(out.layer_kind_loads)
@@ -97,14 +102,17 @@ def _train_step(model, optimizer, scheduler, sampler, cfg: TrainConfig, step: in
         problem = str(err)
         grad_norm = float("nan")
     else:
+        # host sync, once per optimizer step after the backward: the finiteness check and the log
+        # read the gradient norm and the losses
+        means = torch.stack(list(sums.values()))
         if parallel is None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         else:
             par.sync_gradients(model, parallel)
             grad_norm = float(par.clip_grad_norm(model, cfg.grad_clip, parallel))
-            means = par.sum_over_ranks(torch.tensor(list(sums.values()), dtype=torch.float64), parallel)
-            sums = dict(zip(sums, (means / parallel.data_size).tolist()))
+            means = par.sum_over_ranks(means, parallel) / parallel.data_size
             loads_LE, kinds_L4 = par.sum_over_ranks(loads_LE, parallel), par.sum_over_ranks(kinds_L4, parallel)
+        sums = dict(zip(sums, means.tolist()))
         if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
             problem = f"loss {sums['loss']}, gradient norm {grad_norm}"
     if problem is not None:

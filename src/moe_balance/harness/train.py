@@ -20,6 +20,7 @@ from collections.abc import Callable
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from .. import parallel as par
@@ -48,6 +49,7 @@ from .train_config import (  # noqa: F401
     build_optimizer,
     lr_factor,
     model_config,
+    run_device,
     train_config,
 )
 
@@ -121,6 +123,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, overwr
 
 def _check_parallel(cfg: TrainConfig, parallel: par.ParallelGroups) -> None:
     world, ep = parallel.data_size, parallel.ep_size
+    device, mesh_device = run_device(cfg).type, parallel.mesh.device_type
+    if device != mesh_device:
+        raise ValueError(f"TrainConfig.device resolves to {device!r} but the process groups were made for "
+                         f"{mesh_device!r}: launch them for the run's device (parallel.launch(..., device="
+                         f"{device!r}); the command line does)")
     if cfg.batch_size % world:
         raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} must be divisible by the {world} "
                          "processes: each trains on an equal share of every batch")
@@ -139,9 +146,10 @@ def _train(cfg: TrainConfig, out_dir: Path, *, resume: bool, corpus: TokenizedCo
         from torch.utils.tensorboard import SummaryWriter
 
     tqdm = require("tqdm", "progress bars").tqdm
+    device = run_device(cfg)
     if corpus is None:
         corpus = _prepare(cfg, progress, parallel)
-    model = build_model(cfg, corpus.vocab_size)
+    model = build_model(cfg, corpus.vocab_size, device)
     params = model.param_counts()  # of the full model: counted before any sharding
     if parallel is not None:  # every rank built the same full model: each keeps its experts
         par.parallelize(model, parallel, locality_bonus=cfg.locality_bonus)
@@ -228,6 +236,9 @@ def _memory_per_rank(model, optimizer, parallel: par.ParallelGroups | None) -> l
 
     mine = {**par.state_bytes(model, optimizer),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        mine["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     if parallel is None:
         return [mine]
     everyone = [None] * parallel.data_size

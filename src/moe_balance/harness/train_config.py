@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from .methods import get_method
 from .model import ModelConfig, MoETransformer, model_preset
 
 DTYPES = ("float32", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")  # auto: CUDA when available
 NONFINITE_POLICIES = ("stop", "skip")
 # "skip" gives up after this many consecutive skipped steps: the weights are then damaged, not noisy
 MAX_CONSECUTIVE_SKIPS = 10
@@ -41,7 +43,7 @@ class TrainConfig:
     warmup_steps: int = 30
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    dtype: str = "float32"             # "bfloat16": CPU autocast for the forward pass
+    dtype: str = "float32"             # "bfloat16": autocast for the forward pass
     eval_tokens: int = 131072
     eval_batch_size: int = 32
     eval_every: int = 0                # 0: evaluate at the end only
@@ -57,6 +59,7 @@ class TrainConfig:
     locality_bonus: float = 0.0        # expert parallel: selection bonus for the token's own rank's experts
     checkpoint_format: str = "torch"   # "torch": one file gathered on rank 0; "dcp": sharded, each rank its part
     fsdp: bool = False                 # under torchrun: FSDP2 shards parameters, gradients and optimizer state
+    device: str = "auto"               # "cpu", "cuda" (nccl between processes), "auto": cuda when available
 
     def __post_init__(self) -> None:
         def integer(value) -> bool:
@@ -103,6 +106,8 @@ class TrainConfig:
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"TrainConfig.nonfinite={self.nonfinite!r} is not allowed; choose one "
                              f"of {NONFINITE_POLICIES}")
+        if self.device not in DEVICES:
+            raise ValueError(f"TrainConfig.device={self.device!r} is not allowed; choose one of {DEVICES}")
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig.dtype={self.dtype!r} is not allowed; choose one of {DTYPES}")
         get_method(self.method)  # ValueError listing the known methods
@@ -171,10 +176,39 @@ def model_config(cfg: TrainConfig, vocab_size: int | None = None) -> ModelConfig
                         router=router, moe_overrides=layer)
 
 
-def build_model(cfg: TrainConfig, vocab_size: int) -> MoETransformer:
+def run_device(cfg: TrainConfig) -> torch.device:
+    """The device this process trains on: ``cfg.device``, "auto" meaning CUDA when available;
+    on CUDA under torchrun each process takes the GPU of its ``LOCAL_RANK``."""
+    name = cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"TrainConfig.device='cuda' but this machine has no usable CUDA device (torch "
+                         f"{torch.__version__}, built for CUDA {torch.version.cuda}): pass --device cpu")
+    local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local_rank >= count:
+        raise ValueError(f"process LOCAL_RANK={local_rank} has no GPU of its own: this machine has {count}; "
+                         f"launch at most {count} processes per node with --device cuda")
+    return torch.device("cuda", local_rank)
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device | str | None = None) -> MoETransformer:
+    """The run's model, initialised from ``cfg.seed`` (on the default device: the CPU, so the
+    same weights whatever the run's device), then moved to ``device`` when given. Off the CPU
+    the routers' NaN check is left to the step's loss check: the router's check is a device
+    assertion there, which would end the process instead of letting ``nonfinite`` stop or
+    skip the step."""
     config = model_config(cfg, vocab_size)
+    device = None if device is None else torch.device(device)
+    if device is not None and device.type != "cpu":
+        moe = config.moe
+        config = dataclasses.replace(config, moe=dataclasses.replace(
+            moe, router=dataclasses.replace(moe.router, check_finite=False)))
     torch.manual_seed(cfg.seed)
-    return MoETransformer(config)
+    model = MoETransformer(config)
+    return model if device is None else model.to(device)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
@@ -191,7 +225,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     return optimizer, scheduler
 
 
-def _autocast(cfg: TrainConfig):
+def _autocast(cfg: TrainConfig, device_type: str = "cpu"):
     if cfg.dtype == "bfloat16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return nullcontext()

@@ -84,16 +84,21 @@ def init_parallel(expert_parallel: int = 1, timeout: datetime.timedelta | None =
                           data_mesh=data_mesh)
 
 
-def launch(expert_parallel: int = 1, timeout_seconds: float = 600.0) -> ParallelGroups | None:
+def launch(expert_parallel: int = 1, timeout_seconds: float = 600.0, device: str = "cpu") -> ParallelGroups | None:
     """For the command line: join the processes torchrun started (its environment variables:
-    WORLD_SIZE, RANK, MASTER_ADDR, ...) over gloo and build the groups; None for a single
-    process without ``expert_parallel``. A collective that waits longer than
-    ``timeout_seconds`` for a lost rank fails with an error instead of hanging."""
+    WORLD_SIZE, RANK, MASTER_ADDR, ...) and build the groups; None for a single process
+    without ``expert_parallel``. A collective that waits longer than ``timeout_seconds`` for a
+    lost rank fails with an error instead of hanging.
+
+    device: "cpu" (gloo), "cuda" (each process takes the GPU of its LOCAL_RANK; CUDA tensors go
+    over nccl, CPU tensors over gloo) or "auto" (cuda when available)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if not (isinstance(expert_parallel, int) and expert_parallel >= 1):
         raise ValueError(f"--expert-parallel {expert_parallel!r} must be an integer >= 1")
     if not (timeout_seconds > 0):
         raise ValueError(f"--dist-timeout {timeout_seconds!r} must be a number of seconds > 0")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device={device!r} is not allowed; choose 'auto', 'cpu' or 'cuda'")
     if world == 1 and expert_parallel == 1:
         return None
     if world % expert_parallel:
@@ -102,10 +107,18 @@ def launch(expert_parallel: int = 1, timeout_seconds: float = 600.0) -> Parallel
         raise ValueError(f"--expert-parallel {expert_parallel} needs a multiple of {expert_parallel} processes; "
                          f"there are {world}: {hint}")
     timeout = datetime.timedelta(seconds=timeout_seconds)
-    # NOTE: the harness trains on the CPU, so gloo; a GPU trainer would pass "nccl" (the layer
-    # itself works with either: it only calls all_to_all_single and all_reduce)
-    dist.init_process_group("gloo", timeout=timeout)
-    return init_parallel(expert_parallel, timeout)
+    if device == "cpu" or not (device == "cuda" or torch.cuda.is_available()):
+        dist.init_process_group("gloo", timeout=timeout)
+        return init_parallel(expert_parallel, timeout)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch.cuda.is_available() or local_rank >= torch.cuda.device_count():
+        raise ValueError(f"device='cuda' needs a GPU per process: process LOCAL_RANK={local_rank}, GPUs here: "
+                         f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}")
+    torch.cuda.set_device(local_rank)
+    # NOTE: both backends: the layer's collectives carry CUDA tensors (nccl), the harness's small
+    # metric and object exchanges CPU ones (gloo), as torchtitan does
+    dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)
+    return init_parallel(expert_parallel, timeout, device_type="cuda")
 
 
 def shutdown() -> None:
