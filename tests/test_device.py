@@ -67,3 +67,10 @@ def test_a_run_resumes_with_another_device_setting_and_continues_exactly(base, t
     assert [r["step"] for r in split] == list(range(1, 9))
     for a, b in zip(full, split):
         assert (a["loss"], a["bias"]) == (b["loss"], b["bias"]), a["step"]
+
+
+def test_bench_device_cuda_without_a_gpu_is_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "--device", "cuda", "--shape", "16,8,4,2", "--rounds", "1"])
+    assert stop.value.code == 2
+    assert "bench --device cuda: this machine has no usable CUDA device; pass --device cpu" in capsys.readouterr().err

@@ -84,19 +84,20 @@ class Row:
     note: str = ""
 
 
-def _ours(shape: Shape, impl: str, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+def _ours(shape: Shape, impl: str, dtype: torch.dtype, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     layer = MoE(MoEConfig(d_model=shape.d_model, num_experts=shape.num_experts, top_k=shape.top_k,
                           expert_hidden_size=shape.expert_hidden, num_shared_experts=shape.shared,
-                          expert_impl=impl, router=RouterConfig(score_fn="softmax"))).to(dtype)
+                          expert_impl=impl, router=RouterConfig(score_fn="softmax"))).to(device, dtype)
     return lambda x: layer(x).y
 
 
-def _dense(shape: Shape, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    mlp = SwiGLU(shape.d_model, shape.expert_hidden).to(dtype)
+def _dense(shape: Shape, dtype: torch.dtype, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    mlp = SwiGLU(shape.d_model, shape.expert_hidden).to(device, dtype)
     return lambda x: mlp(x.repeat(shape.active_rows, 1))  # T x (K + S) rows, the same active FLOPs
 
 
-def _peer(shape: Shape, family: str, impl: str, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def _peer(shape: Shape, family: str, impl: str, dtype: torch.dtype,
+          device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """transformers' MoE block of ``family`` with its ``impl`` experts, random weights, or None."""
     try:
         import transformers
@@ -124,7 +125,7 @@ def _peer(shape: Shape, family: str, impl: str, dtype: torch.dtype) -> Callable[
         block_cls = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE
     config._experts_implementation = impl
     torch.manual_seed(0)
-    block = block_cls(config).to(dtype)
+    block = block_cls(config).to(device, dtype)
     for p in block.parameters():  # the block's own init leaves some weights empty or zero
         torch.nn.init.normal_(p, std=0.02)
     return lambda x: block(x.unsqueeze(0)).squeeze(0)
@@ -145,40 +146,64 @@ def _saved_bytes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) ->
     return sum(seen.values())
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels run asynchronously: time them to their end
+        torch.cuda.synchronize(device)
+
+
 def _step(fn, x: torch.Tensor) -> float:
     xi = x.detach().requires_grad_()
+    _synchronize(x.device)
     start = time.perf_counter()
     fn(xi).float().sum().backward()
+    _synchronize(x.device)
     return time.perf_counter() - start
 
 
-def implementations(shape: Shape, dtype: torch.dtype, peers: bool = True) -> dict[str, tuple[Callable, str]]:
+def implementations(shape: Shape, dtype: torch.dtype, peers: bool = True,
+                    device: torch.device | str = "cpu") -> dict[str, tuple[Callable, str]]:
     """name -> (forward function, note) for every implementation that runs here."""
-    out = {"dense (same active FLOPs)": (_dense(shape, dtype), "reference")}
+    device = torch.device(device)
+    out = {"dense (same active FLOPs)": (_dense(shape, dtype, device), "reference")}
     for impl in ("auto", "grouped_mm", "bmm", "loop"):
-        if impl == "grouped_mm" and not grouped_mm_supported("cpu", dtype):
+        if impl == "grouped_mm" and not grouped_mm_supported(device.type, dtype):
             continue
-        out[f"moe_balance {impl}"] = (_ours(shape, impl, dtype), "")
+        out[f"moe_balance {impl}"] = (_ours(shape, impl, dtype, device), "")
     if peers:
         for family in ("mixtral", "olmoe", "deepseek_v3"):
             for impl in ("grouped_mm", "eager"):
-                fn = _peer(shape, family, impl, dtype)
+                if impl == "grouped_mm" and not grouped_mm_supported(device.type, dtype):
+                    continue  # transformers would fall back or fail: not the path the row names
+                fn = _peer(shape, family, impl, dtype, device)
                 if fn is not None:
                     out[f"transformers {family} {impl}"] = (fn, "")
     return out
 
 
-def auto_choice(shape: Shape, dtype: torch.dtype) -> str:
-    """The expert path ``expert_impl="auto"`` takes for this shape and dtype on the CPU."""
+def auto_choice(shape: Shape, dtype: torch.dtype, device_type: str = "cpu") -> str:
+    """The expert path ``expert_impl="auto"`` takes for this shape and dtype on this device."""
     aligned = all(n * dtype.itemsize % 16 == 0 for n in (shape.d_model, shape.expert_hidden))
-    return "grouped_mm" if aligned and grouped_mm_supported("cpu", dtype) else "bmm"
+    return "grouped_mm" if aligned and grouped_mm_supported(device_type, dtype) else "bmm"
+
+
+def bench_device(name: str) -> torch.device:
+    """``--device``: "cpu", "cuda" or "auto" (CUDA when available)."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"bench --device {name!r} is not allowed; choose auto, cpu or cuda")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("bench --device cuda: this machine has no usable CUDA device; pass --device cpu")
+    return torch.device(name)
 
 
 def bench(shapes: list[Shape], dtypes: list[str], *, tokens: int = 4096, rounds: int = 5,
-          peers: bool = True, progress: Callable[[str], None] | None = None) -> list[Row]:
+          peers: bool = True, progress: Callable[[str], None] | None = None,
+          device: torch.device | str = "cpu") -> list[Row]:
     """Time every implementation on every shape and dtype (see the module docstring)."""
     if rounds < 1 or tokens < 1:
         raise ValueError(f"rounds={rounds} and tokens={tokens} must be >= 1")
+    device = torch.device(device)
     rows = []
     for shape in shapes:
         for dtype_name in dtypes:
@@ -186,8 +211,8 @@ def bench(shapes: list[Shape], dtypes: list[str], *, tokens: int = 4096, rounds:
                 raise ValueError(f"dtype {dtype_name!r} is not allowed; choose from {sorted(DTYPES)}")
             dtype = DTYPES[dtype_name]
             torch.manual_seed(0)
-            x = torch.randn(tokens, shape.d_model, dtype=dtype)
-            impls = implementations(shape, dtype, peers)
+            x = torch.randn(tokens, shape.d_model, dtype=dtype).to(device)
+            impls = implementations(shape, dtype, peers, device)
             names = list(impls)
             times = {n: [] for n in names}
             for r in range(rounds + 1):  # round 0 warms up every path (kernel caches, allocator)
@@ -200,7 +225,7 @@ def bench(shapes: list[Shape], dtypes: list[str], *, tokens: int = 4096, rounds:
                     progress(f"{shape.name} {dtype_name}: round {r}/{rounds}")
             dense_name = names[0]
             saved = {n: _saved_bytes(impls[n][0], x) for n in names}
-            default = f"moe_balance {auto_choice(shape, dtype)}"
+            default = f"moe_balance {auto_choice(shape, dtype, device.type)}"
             for n in names:
                 ratios = [t / d for t, d in zip(times[n], times[dense_name])]
                 rows.append(Row(n, shape.name, dtype_name, 1000 * statistics.median(times[n]), statistics.median(ratios),
@@ -209,7 +234,8 @@ def bench(shapes: list[Shape], dtypes: list[str], *, tokens: int = 4096, rounds:
     return rows
 
 
-def router_overhead(shape: Shape, dtype_name: str = "float32", *, tokens: int = 4096, rounds: int = 5) -> float:
+def router_overhead(shape: Shape, dtype_name: str = "float32", *, tokens: int = 4096, rounds: int = 5,
+                    device: torch.device | str = "cpu") -> float:
     """Router + Loss-Free balancing (scores, biased top-K, sort, counts, the count hook) as a
     fraction of the whole layer's forward+backward, median over interleaved rounds."""
     from ..balancing import update_balancers
@@ -219,8 +245,8 @@ def router_overhead(shape: Shape, dtype_name: str = "float32", *, tokens: int = 
     torch.manual_seed(0)
     layer = MoE(MoEConfig(d_model=shape.d_model, num_experts=shape.num_experts, top_k=shape.top_k,
                           expert_hidden_size=shape.expert_hidden, num_shared_experts=shape.shared,
-                          balancers=(LossFree(),))).to(dtype)
-    x = torch.randn(tokens, shape.d_model, dtype=dtype)
+                          balancers=(LossFree(),))).to(device, dtype)
+    x = torch.randn(tokens, shape.d_model, dtype=dtype).to(device)
 
     def route(xi):
         decision = layer.router(xi, layer.expert_bias)
@@ -250,7 +276,8 @@ def rows_as_json(rows: list[Row]) -> list[dict]:
     return [dataclasses.asdict(r) for r in rows]
 
 
-def harness_step(preset: str = "quick", *, rounds: int = 5, batch_size: int = 32, seq_len: int = 64) -> dict:
+def harness_step(preset: str = "quick", *, rounds: int = 5, batch_size: int = 32, seq_len: int = 64,
+                 device: torch.device | str = "cpu") -> dict:
     """A training step (forward, backward, AdamW, balancer update) of the preset's MoE model
     against a dense model with the same active parameters: every block dense, its FFN
     (K + S) x the expert width. Tokens per second, median over interleaved rounds."""
@@ -265,17 +292,20 @@ def harness_step(preset: str = "quick", *, rounds: int = 5, batch_size: int = 32
     models, optimizers = {}, {}
     for name, config in (("moe", moe_config), ("dense", dense_config)):
         torch.manual_seed(0)
-        models[name] = MoETransformer(config)
+        models[name] = MoETransformer(config).to(device)
         optimizers[name] = torch.optim.AdamW(models[name].parameters(), lr=1e-4)
-    tokens = torch.randint(0, moe_config.vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, moe_config.vocab_size, (batch_size, seq_len + 1),
+                           generator=torch.Generator().manual_seed(0)).to(device)
 
     def step(name):
         model, opt = models[name], optimizers[name]
+        _synchronize(tokens.device)
         start = time.perf_counter()
         model(tokens[:, :-1], tokens[:, 1:]).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         update_balancers(model)
+        _synchronize(tokens.device)
         return time.perf_counter() - start
 
     ratios, times = [], {"moe": [], "dense": []}

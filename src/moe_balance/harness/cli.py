@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-peers", action="store_true", help="leave out transformers' MoE blocks")
     p.add_argument("--no-extras", action="store_true", help="leave out the router overhead and the training step")
     p.add_argument("--json", action="store_true", help="print a JSON list of rows instead of the table")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where to run (default: auto, cuda when available)")
 
     p = sub.add_parser("convert-checkpoint", help="a run's checkpoint in the other format: a sharded "
                                                  "ckpt-<step>.dcp directory to one file, or one file to a sharded directory")
@@ -309,17 +311,18 @@ def _bench(args) -> None:
     from . import bench
 
     shapes = [bench.parse_shape(s) for s in (args.shapes or ["A", "B", "Bs"])]
+    device = bench.bench_device(args.device)
     note = (lambda line: print(line, file=sys.stderr)) if not args.json else None
     rows = bench.bench(shapes, args.dtypes, tokens=args.tokens, rounds=args.rounds, peers=not args.no_peers,
-                       progress=note)
+                       progress=note, device=device)
     extras = []  # the router's share of the layer and the training step, as rows of the same keys
     if not args.no_extras:
         for s in shapes:
-            fraction = bench.router_overhead(s, tokens=args.tokens, rounds=args.rounds)
+            fraction = bench.router_overhead(s, tokens=args.tokens, rounds=args.rounds, device=device)
             extras.append({"implementation": "router + Loss-Free balancing", "shape": s.name, "dtype": "float32",
                            "median_ms": None, "ratio_to_dense": None, "fraction_of_layer": fraction,
                            "is_default": False})
-        step = bench.harness_step("quick", rounds=args.rounds)
+        step = bench.harness_step("quick", rounds=args.rounds, device=device)
         extras.append({"implementation": "training step: MoE model vs dense, equal active parameters",
                        "shape": "quick preset", "dtype": "float32", "median_ms": step["moe_ms"],
                        "ratio_to_dense": step["moe_step_over_dense"], "is_default": False,
