@@ -136,6 +136,48 @@ def test_a_killed_sharded_save_leaves_the_previous_checkpoint(fsdp_runs, cache, 
     assert not (tmp_path / "resumed" / ".ckpt-00000020.dcp.partial").exists()
 
 
+KILL_RANK_1_IN_SECOND_SAVE = """
+import os, sys
+import torch.distributed.checkpoint.filesystem as fs
+from moe_balance.harness.cli import main
+
+if os.environ["RANK"] == "1":
+    write, saves = fs.FileSystemWriter.write_data, []
+
+    def write_then_die(self, plan, planner):
+        saves.append(1)
+        if len(saves) == 2:  # step 20's checkpoint: this rank dies while writing its part
+            os._exit(9)
+        return write(self, plan, planner)
+
+    fs.FileSystemWriter.write_data = write_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_killed_during_a_sharded_save_leaves_the_previous_checkpoint(fsdp_runs, cache, tmp_path):
+    """A real death: rank 1 of a 2-rank EP + FSDP2 run exits in the middle of step 20's DCP
+    save. Step 10's checkpoint stays complete; one process resumes from it exactly."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILL_RANK_1_IN_SECOND_SAVE)
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(driver), *train_args(out, cache, "--fsdp", "--expert-parallel", "2",
+                                                    "--checkpoint-format", "dcp")],
+                          capture_output=True, text=True, env=ENV, timeout=400)
+    assert proc.returncode != 0
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-00000010.dcp"]  # never renamed into place
+    assert (out / ".ckpt-00000020.dcp.partial").is_dir() and not (out / "eval.json").exists()
+    resumed = run(train_args(out, cache, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    reference, after = metrics(fsdp_runs / "single"), metrics(out)
+    assert [r["step"] for r in after] == list(range(1, 21))
+    for a, b in zip(reference[10:], after[10:]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        torch.testing.assert_close(torch.tensor(b["bias"]), torch.tensor(a["bias"]), rtol=0, atol=1e-6)
+    assert not (out / ".ckpt-00000020.dcp.partial").exists()  # the resumed run cleared the debris
+
+
 def test_fsdp_without_processes_says_how_to_launch(cache, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "moe_balance", *train_args(tmp_path / "x", cache, "--fsdp")],
                           capture_output=True, text=True, env=ENV, timeout=120)
