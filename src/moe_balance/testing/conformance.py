@@ -232,7 +232,8 @@ CHECKS: dict[str, Callable[[Subject], None]] = {f.__name__: f for f in (
 
 
 def run_conformance(subject: Subject) -> dict[str, str]:
-    """Every check on ``subject``: name -> "pass", "unsupported: <reason>" or "FAIL: <message>"."""
+    """Every check on ``subject``: name -> "pass", "unsupported: <reason>" or "FAIL: <message>"
+    (an exception the framework raises, such as refusing softmax scores, is a failure too)."""
     report = {}
     for name, check in CHECKS.items():
         if name in subject.unsupported:
@@ -243,6 +244,8 @@ def run_conformance(subject: Subject) -> dict[str, str]:
             report[name] = "pass"
         except AssertionError as err:
             report[name] = f"FAIL: {err}"
+        except Exception as err:  # a framework that refuses (e.g. softmax scores) or crashes fails the check
+            report[name] = f"FAIL: {type(err).__name__}: {err}"
     return report
 
 
