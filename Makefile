@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet -e ".[train,hf,dev]"
+	# torchtitan for the tests of its integration. --no-deps: torchtitan 0.3.0 pins datasets<4.8,
+	# which would downgrade huggingface-hub below what transformers needs; its MoE layers need only
+	# spmd_types, tyro and (imported on every device) triton
+	$(BIN)/python -m pip install --quiet --no-deps "torchtitan==0.3.0"
+	$(BIN)/python -m pip install --quiet "spmd_types==0.2.3" "tyro>=0.9" "triton>=3.0"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -71,6 +71,7 @@ class LossFreeBalancer(Balancer):
         self.register_buffer("expert_bias", start(num_experts, dtype=torch.float32))
         self.register_buffer("pending_counts", torch.zeros(num_experts, dtype=torch.int64))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
+        self.last_counts: torch.Tensor | None = None  # (E,) int64 counts of the last update
         self.rule = build_rule(spec)
         # NOTE: the rule's state lives in buffers of this module, not of a submodule, so their
         # state-dict keys (e.g. balancers.0.pending_margins) are the ones checkpoints hold.
@@ -126,6 +127,7 @@ class LossFreeBalancer(Balancer):
         for buffer in pending:
             buffer.zero_()
         counts_E, *summed = flat.split([buffer.numel() for buffer in pending])
+        self.last_counts = counts_E  # the step's counts over the whole computation batch, for metrics
         # host sync, once per optimizer step (not in the forward or backward): whether to update
         if int(counts_E.sum()) == 0:
             return
@@ -139,8 +141,10 @@ class LossFreeBalancer(Balancer):
             target_E = load_E.mean() if self.target_share is None else \
                 load_E.sum() * self.target_share.to(load_E.device)
             stats = {name: sum_.view_as(getattr(self, name)) for name, sum_ in zip(self.rule.pending, summed)}
-            delta_E = self.rule.step(self, load_E, target_E, stats)
-            self.expert_bias += delta_E.float()
+            step_E = self.rule.step(self, load_E, target_E, stats).float()
+            if spec.center_step:  # zero-mean steps, in float32 (torchtitan's update)
+                step_E = step_E - step_E.mean()
+            self.expert_bias += step_E
             if self.multiplicative:
                 self.expert_bias.clamp_(min=1e-3)
             if spec.center:

@@ -36,6 +36,8 @@ class LossFree:
     (the paper's multiplicative-bias ablation: b starts at 1 and is kept >= 1e-3, so a bias
     never flips the order of scores). ``center`` re-centres after each update (additive:
     subtract the mean; multiplicative: divide by it), since only relative biases matter.
+    ``center_step`` instead removes the mean of each step from the step, in float32 (the
+    bias's dtype), as torchtitan's update does; the bias's mean then stays where it started.
     ``freeze_after_steps`` stops updating after that many updates (DeepSeek-V3 sets u = 0 for
     the end of training). ``start_after_steps`` holds the bias at its start value for that many
     updates (their counts are discarded), then every rule starts as if fresh. Training from
@@ -64,6 +66,7 @@ class LossFree:
     smoothing: float = 0.9
     trust_error: float = 0.5
     center: bool = False
+    center_step: bool = False
     freeze_after_steps: int | None = None
     start_after_steps: int = 0
     zero_computation_share: float | None = None
@@ -79,6 +82,7 @@ class LossFree:
         _choice("LossFree", "rule", self.rule, LOSS_FREE_RULES)
         _choice("LossFree", "form", self.form, LOSS_FREE_FORMS)
         _bool("LossFree", "center", self.center)
+        _bool("LossFree", "center_step", self.center_step)
         for name in ("min_gain", "max_gain"):
             value = getattr(self, name)
             if not (is_number(value) and 0 < value <= 1):
