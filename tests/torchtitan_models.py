@@ -5,7 +5,6 @@ The blocks follow torchtitan's model-part protocol (``layers`` ModuleDict, ``moe
 
 import functools
 
-import torch
 from torch import nn
 
 
