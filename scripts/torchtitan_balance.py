@@ -27,13 +27,16 @@ from moe_balance.metrics import max_vio  # noqa: E402
 from moe_balance.testing import free_port, init_gloo  # noqa: E402
 
 
+EXPERTS, TOP_K, LR = 16, 2, 1e-3  # set from the command line
+
+
 def run(name, seed, tokens, vocab, steps, batch, seq):
     from torchtitan.components.optimizer import register_moe_load_balancing_hook
     from torchtitan.distributed.parallel_dims import ParallelDims
 
     torch.manual_seed(seed)
-    model = TinyTitan(experts=(16, 16), vocab=vocab, dim=64)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model = TinyTitan(experts=(EXPERTS, EXPERTS), vocab=vocab, dim=64, top_k=TOP_K)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     register_moe_load_balancing_hook(optimizer, [model], ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1,
                                                                        ep=1, world_size=1))
     if name == "adaptive":
@@ -59,8 +62,13 @@ def main():
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", default="runs/torchtitan_balance.json")
     args = parser.parse_args()
+    global EXPERTS, TOP_K, LR
+    EXPERTS, TOP_K, LR = args.experts, args.top_k, args.lr
     corpus = prepare_corpus(None, vocab_size=2048, cache_dir=Path(".cache/moe_balance"), progress=False)
     tokens = torch.from_numpy(corpus.train.tokens.astype("int64"))
     init_gloo(0, 1, free_port())  # torchtitan's hook reads its "loss" mesh
