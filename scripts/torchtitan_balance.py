@@ -5,6 +5,7 @@ BPE 2048). Prints MaxVio_batch over the second half of training per seed and mea
 writes them as JSON.
 
     .venv/bin/python scripts/torchtitan_balance.py --seeds 0,1,2 --steps 300 --out runs/torchtitan_balance.json
+    .venv/bin/python scripts/torchtitan_balance.py --experts 64 --top-k 8 --lr 3e-3 --batch 64 --out runs/tt64.json
 """
 
 import argparse
