@@ -11,15 +11,15 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-pytest.importorskip("torchtitan.models.common.moe")  # installed by `make` (see the Makefile)
+import torchtitan.models.common.moe  # noqa: F401  (installed by `make`: see the Makefile)
 
-from moe_balance import LossFree, update_balancers  # noqa: E402
-from moe_balance.integrations.torchtitan import enable_balancing, torchtitan_moe_layers  # noqa: E402
-from moe_balance.metrics import max_vio  # noqa: E402
-from moe_balance.testing import init_gloo, spawn  # noqa: E402
-from moe_balance.testing.conformance import CHECKS, Subject  # noqa: E402
+from moe_balance import LossFree, update_balancers
+from moe_balance.integrations.torchtitan import enable_balancing, torchtitan_moe_layers
+from moe_balance.metrics import max_vio
+from moe_balance.testing import init_gloo, spawn
+from moe_balance.testing.conformance import CHECKS, Subject
 
-from torchtitan_models import TinyTitan  # noqa: E402
+from torchtitan_models import TinyTitan
 
 TORCHTITAN_SIGN = LossFree(rule="sign", update_rate=1e-3, center_step=True)  # load_balance_coeff=1e-3
 
