@@ -42,6 +42,7 @@ from ..metrics import max_vio
 from ..moe import observe_on_backward
 from ..routing import slots_to_mask
 from ..routing.decision import count_experts
+from ._loads import recording_loads
 
 BIAS = "expert_bias_E"
 
@@ -147,16 +148,8 @@ class TorchtitanBalancing:
         """Count every forward inside the block (eval ones too: for a held-out set's
         MaxVio_global, ``max_vio`` of the stacked loads); yields a list filled on exit with each
         layer's (E,) int64 loads."""
-        routers = [layer.router for layer in self.layers]
-        for r in routers:
-            r.recorded_loads = torch.zeros(r.num_experts, dtype=torch.int64, device=r.balancer.expert_bias.device)
-        loads: list[torch.Tensor] = []
-        try:
+        with recording_loads([layer.router for layer in self.layers]) as loads:
             yield loads
-        finally:
-            loads.extend(r.recorded_loads.cpu() for r in routers)
-            for r in routers:
-                r.recorded_loads = None
 
 
 def _remove_torchtitan_hooks(optimizer) -> int:

@@ -38,6 +38,7 @@ from ..config import LossFree
 from ..metrics import max_vio
 from ..moe import observe_on_backward
 from ..routing import biased_selection, slots_to_mask
+from ._loads import recording_loads
 
 BIAS = "e_score_correction_bias"
 
@@ -289,15 +290,8 @@ def record_loads(model: nn.Module):
     routers = loss_free_routers(model)
     if not routers:
         raise ValueError("record_loads needs enable_loss_free(model) first")
-    for r in routers:
-        r.recorded_loads = torch.zeros(r.num_experts, dtype=torch.int64, device=r.weight.device)
-    loads: list[torch.Tensor] = []
-    try:
+    with recording_loads(routers) as loads:
         yield loads
-    finally:
-        loads.extend(r.recorded_loads.cpu() for r in routers)
-        for r in routers:
-            r.recorded_loads = None
 
 
 def pending_loads(model: nn.Module) -> list[torch.Tensor]:

@@ -206,23 +206,22 @@ def different_expert_counts(subject: Subject) -> None:
     """Layers with 4 and 8 experts: each bias has its layer's size, and each one moves."""
     model = _model(subject, experts=(4, 8))
     assert [b.numel() for b in subject.biases(model)] == [4, 8], f"{subject.name}: bias sizes do not follow the layers"
-    before = [b.detach().clone() for b in subject.biases(model)]
-    _train_step(subject, model, _x(subject))
-    _assert_counts(_counts(subject, model), BATCH * SEQ, subject, "layers of 4 and 8 experts")
-    subject.update(model)
-    assert all(not torch.equal(a, b) for a, b in zip(before, subject.biases(model))), \
-        f"{subject.name}: a layer's bias did not move"
+    _counts_once_and_moves(subject, model, "layers of 4 and 8 experts")
 
 
 def softmax_scores(subject: Subject) -> None:
     """With softmax scores the bias is accepted and moves."""
-    model = _model(subject, score_fn="softmax")
+    _counts_once_and_moves(subject, _model(subject, score_fn="softmax"), "softmax scores")
+
+
+def _counts_once_and_moves(subject: Subject, model: nn.Module, what: str) -> None:
+    """A training step counts every token once, and the update moves every layer's bias."""
     before = [b.detach().clone() for b in subject.biases(model)]
     _train_step(subject, model, _x(subject))
-    _assert_counts(_counts(subject, model), BATCH * SEQ, subject, "softmax scores")
+    _assert_counts(_counts(subject, model), BATCH * SEQ, subject, what)
     subject.update(model)
     assert all(not torch.equal(a, b) for a, b in zip(before, subject.biases(model))), \
-        f"{subject.name}: the bias did not move with softmax scores"
+        f"{subject.name}: with {what}, a layer's bias did not move"
 
 
 CHECKS: dict[str, Callable[[Subject], None]] = {f.__name__: f for f in (
